@@ -1,0 +1,48 @@
+"""Fused Triton kernels for contrastive learning, installed as ``fastcl.kernels``.
+
+Every op has a plain-torch reference beside its Triton kernel; which one runs is chosen here:
+``auto`` (default) uses Triton for CUDA tensors and torch otherwise, ``triton`` forces Triton
+(on CPU that needs ``TRITON_INTERPRET=1`` set before this package is imported), ``torch`` forces
+the references. Set it with ``set_backend`` or the ``FASTCL_KERNELS`` environment variable; recipes
+expose it as ``--kernels {auto,triton,torch}``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+_backend = os.environ.get("FASTCL_KERNELS", "auto")
+if _backend not in BACKENDS:
+    raise ValueError(f"FASTCL_KERNELS must be one of {BACKENDS}, got {_backend!r}")
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"kernels backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the op on ``tensors`` should run its Triton kernel under the current backend."""
+    if _backend == "torch":
+        return False
+    if _backend == "triton":
+        if not triton_available():
+            raise RuntimeError("--kernels triton was asked for but triton is not installed")
+        return True
+    return triton_available() and all(t.is_cuda for t in tensors)

@@ -1,0 +1,38 @@
+"""fastcl: performance-engineered self-supervised / contrastive vision pretraining.
+
+The Triton kernels live in the top-level folder ``kernels/`` but install as ``fastcl.kernels``
+(``package_dir`` below), so no bare ``kernels`` module can collide with other packages.
+"""
+import platform
+import sys
+
+from setuptools import setup
+
+packages = ["fastcl", "fastcl.data", "fastcl.engine", "fastcl.eval", "fastcl.methods", "fastcl.models",
+            "fastcl.kernels"]
+dali = "nvidia-dali-cuda130==2.4.0; platform_system == 'Linux' and platform_machine == 'x86_64'"
+
+setup(
+    name="fastcl",
+    version="0.1.0",
+    description="Fast contrastive / self-supervised vision pretraining: Triton kernels, DALI, DDP, ZeRO",
+    packages=packages,
+    package_dir={"fastcl": "fastcl", "fastcl.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=[
+        # torch 2.14.1 / torchvision 0.29.1 are the newest this project pins against; never require newer
+        "torch>=2.4,<=2.14.1",
+        "torchvision>=0.19,<=0.29.1",
+        "timm>=1.0",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "tensorboard",
+        "nvtx",
+        dali,
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed==0.19.8"],
+        "dev": ["deepspeed==0.19.8", "pytest>=8", "pytest-benchmark>=4", "pytest-timeout"],
+    },
+)
