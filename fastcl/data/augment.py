@@ -87,9 +87,10 @@ def mocov1(size=224, mean=None, std=None) -> AugmentSpec:
     return AugmentSpec((_for_data(v, size, mean, std),), (2,))
 
 
-def mocov2_aug_plus(size=224, mean=None, std=None) -> AugmentSpec:
-    """MoCo v2 aug+: RRC(scale 0.2-1), jitter(0.4,0.4,0.4,0.1) p=0.8, gray 0.2, blur s~[0.1,2] p=0.5, flip."""
-    return AugmentSpec((_for_data(ViewSpec(), size, mean, std),), (2,))
+def mocov2_aug_plus(size=224, mean=None, std=None, blur_p=0.5) -> AugmentSpec:
+    """MoCo v2 aug+: RRC(scale 0.2-1), jitter(0.4,0.4,0.4,0.1) p=0.8, gray 0.2, blur s~[0.1,2] p=0.5, flip.
+    (CIFAR recipes pass ``blur_p=0``: blur is not used on 32x32 images.)"""
+    return AugmentSpec((_for_data(ViewSpec(blur_p=blur_p), size, mean, std),), (2,))
 
 
 def simclr(size=224, mean=None, std=None, strength=1.0, blur_p=0.5) -> AugmentSpec:

@@ -1,0 +1,108 @@
+"""torchrun-aware process setup and the few collectives the methods need.
+
+Runs the same under ``torchrun`` (NCCL on GPU, gloo on CPU) and as a single plain process.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group if there is one; pick this process's device."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if not use_cuda and device == "auto":
+        warnings.warn("no CUDA device found: training on the CPU (slow; use --preset cifar --max-steps N "
+                      "for a quick try)", stacklevel=2)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                device_id=dev if use_cuda else None)
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+@torch.no_grad()
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0 (no gradient); identity on one process."""
+    if not is_dist():
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks; gradients flow back to every rank's rows (SimCLR negatives)."""
+    if not is_dist():
+        return x
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x.contiguous()))
+
+
+def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum or mean); identity on one process."""
+    if is_dist():
+        dist.all_reduce(x)
+        if op == "mean":
+            x /= get_world_size()
+    return x
+
+
+@torch.no_grad()
+def batch_shuffle_ddp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's shuffle BN: gather the batch, permute it across ranks, return this rank's share.
+
+    Returns ``(x_shuffled_local, idx_unshuffle)``; equal batch sizes on every rank are required.
+    """
+    x_all = all_gather_nograd(x)
+    perm = torch.randperm(x_all.shape[0], device=x.device)
+    if is_dist():
+        dist.broadcast(perm, src=0)  # every rank must use rank 0's permutation
+    idx_unshuffle = torch.argsort(perm)
+    rank, world = get_rank(), get_world_size()
+    return x_all[perm.view(world, -1)[rank]], idx_unshuffle.view(world, -1)[rank]
+
+
+@torch.no_grad()
+def batch_unshuffle_ddp(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+    """Undo ``batch_shuffle_ddp`` for the key embeddings ``x``."""
+    x_all = all_gather_nograd(x)
+    return x_all[idx_unshuffle]

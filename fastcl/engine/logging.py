@@ -1,0 +1,97 @@
+"""Run logging: JSONL (one object per logged step), TensorBoard scalars, and a progress bar (rank 0)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+try:
+    import nvtx as _nvtx
+except ImportError:  # nvtx is a dependency, but profiling must never be what breaks a run
+    _nvtx = None
+
+
+def nvtx_range(name: str):
+    """An NVTX range (visible in Nsight Systems); costs ~nothing when no profiler is attached."""
+    return _nvtx.annotate(name, domain="fastcl") if _nvtx is not None else nullcontext()
+
+
+class RunLogger:
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.out_dir / "log.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            except ImportError:
+                self._tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (int, str)) else v)
+                  for k, v in record.items()}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None and "step" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def print(self, *args) -> None:
+        if self.enabled:
+            print(*args, flush=True)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+
+
+class Progress:
+    """tqdm bar over the whole run (ETA to the end), with loss / lr / img/s in the postfix."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr,
+                            unit="step", mininterval=1.0)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Throughput:
+    """Images per second between two log points."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.images = 0
+
+    def add(self, n: int) -> None:
+        self.images += n
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        r = self.images / max(now - self.t0, 1e-9)
+        self.t0, self.images = now, 0
+        return r

@@ -1,0 +1,265 @@
+"""The training loop. It knows no method: everything method-specific goes through ``fastcl.methods.Method``.
+
+Per step: scheduled lr/wd -> forward (autocast) -> backward -> method hook -> clip -> optimizer step ->
+method hook (EMA, ...). Checkpoints (atomic) every ``ckpt_every`` steps and at every epoch end hold the
+method (networks, momentum encoder, queue + pointer, centers), optimizer, scaler, the position in the
+data and every rank's RNG state, so a resumed run continues the uninterrupted one exactly (CPU,
+``num_workers=0``). A non-finite loss stops the run naming the step, before anything is saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..methods.base import Method, Step
+from .checkpoint import LATEST, find_resume, load_checkpoint, rng_state, save_atomic, set_rng_state
+from .distributed import DistInfo
+from .logging import Progress, RunLogger, Throughput, nvtx_range
+from .optim import build_optimizer, cosine_schedule
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "output"
+    epochs: int = 200
+    batch_size: int = 256  # global (all ranks)
+    optimizer: str = "sgd"  # sgd | lars | adamw
+    lr: float = 0.03  # peak lr, already scaled for the batch size
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    weight_decay_end: float | None = None  # cosine weight-decay schedule (DINO 0.04 -> 0.4)
+    clip_grad: float = 0.0  # max grad norm; 0 = off
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
+    channels_last: bool = True  # CNNs on CUDA
+    ckpt_every: int = 0  # steps; 0 = only at epoch ends
+    log_every: int = 10
+    max_steps: int = 0  # stop after this many global steps (schedules still span all epochs); 0 = off
+    knn_every: int = 0  # epochs; 0 = only at the end
+    knn_k: int = 200
+    knn_t: float = 0.1
+    seed: int = 0
+    resume: str | None = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)  # the recipe's own args, saved with checkpoints
+
+
+class Trainer:
+    def __init__(self, method: Method, loader, cfg: TrainConfig, dist_info: DistInfo, *,
+                 knn_loaders: tuple | None = None, log_fn: Callable[[dict], None] | None = None):
+        self.cfg, self.dist, self.loader = cfg, dist_info, loader
+        self.device = dist_info.device
+        self.knn_loaders = knn_loaders
+        self.method = method.to(self.device)
+        on_cuda = self.device.type == "cuda"
+        if cfg.channels_last and on_cuda:
+            self.method.to(memory_format=torch.channels_last)
+        amp = ("bf16" if on_cuda else "none") if cfg.amp == "auto" else cfg.amp
+        if amp not in ("bf16", "fp16", "none"):
+            raise ValueError(f"--amp must be auto, bf16, fp16 or none, got {cfg.amp!r}")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        groups = self.method.param_groups(cfg.weight_decay)
+        for g in groups:
+            g["base_wd"] = g["weight_decay"]
+        self.optimizer = build_optimizer(cfg.optimizer, groups, lr=cfg.lr, momentum=cfg.momentum,
+                                         betas=tuple(cfg.betas), device=self.device)
+        self.steps_per_epoch = len(loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError("the training loader yields no batch: the dataset is smaller than one global "
+                             f"batch ({cfg.batch_size}); lower --batch-size")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.schedules = self._build_schedules()
+        self.logger = RunLogger(cfg.out_dir, enabled=dist_info.is_main)
+        self.log_fn = log_fn
+        self.model: nn.Module = self.method
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self._maybe_resume()
+        if dist_info.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.method, device_ids=[self.device.index] if on_cuda else None,
+                broadcast_buffers=False)  # queues/centers are kept identical by the methods themselves
+
+    # ------------------------------------------------------------------ schedules
+    def _build_schedules(self) -> dict[str, np.ndarray]:
+        c, spe = self.cfg, self.steps_per_epoch
+        s = {"lr": cosine_schedule(c.lr, c.min_lr, c.epochs, spe, c.warmup_epochs),
+             "wd": cosine_schedule(c.weight_decay, c.weight_decay if c.weight_decay_end is None
+                                   else c.weight_decay_end, c.epochs, spe)}
+        s.update(self.method.schedules(c.epochs, spe))
+        for name, arr in s.items():
+            if len(arr) != self.total_steps:
+                raise ValueError(f"schedule {name!r} has {len(arr)} steps, expected {self.total_steps}")
+        return s
+
+    def _apply_schedules(self, step: int) -> Step:
+        lr, wd = float(self.schedules["lr"][step]), float(self.schedules["wd"][step])
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.cfg.lr if g.get("fixed_lr") else lr * g.get("lr_scale", 1.0)
+            if g["base_wd"] > 0:  # no-decay groups stay at 0
+                g["weight_decay"] = wd * g["base_wd"] / self.cfg.weight_decay if self.cfg.weight_decay else 0.0
+        values = {k: float(v[step]) for k, v in self.schedules.items()}
+        return Step(step, self.epoch, self.steps_per_epoch, self.total_steps, values)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        rng = rng_state()
+        if self.dist.world_size > 1:  # every rank's RNG, so each resumes its own stream
+            rngs = [None] * self.dist.world_size
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        return {"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "position": {"epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step},
+                "rng": rngs, "world_size": self.dist.world_size,
+                "config": dataclasses.asdict(self.cfg)}
+
+    def save(self, name: str = LATEST) -> None:
+        state = self._state()  # collective: every rank takes part
+        if self.dist.is_main:
+            save_atomic(state, Path(self.cfg.out_dir) / name)
+
+    def _maybe_resume(self) -> None:
+        path = find_resume(self.cfg.out_dir, self.cfg.resume)
+        if path is None:
+            return
+        ckpt = load_checkpoint(path)
+        missing = [k for k in ("model", "optimizer", "position", "rng") if k not in ckpt]
+        if missing:
+            raise RuntimeError(f"checkpoint {path} lacks {missing}: not a fastcl training checkpoint")
+        self.method.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        pos = ckpt["position"]
+        self.epoch, self.batch_in_epoch, self.step = pos["epoch"], pos["batch"], pos["step"]
+        if ckpt.get("world_size") == self.dist.world_size:
+            set_rng_state(ckpt["rng"][self.dist.rank])
+        elif self.dist.is_main:
+            print(f"warning: {path} was written by {ckpt.get('world_size')} ranks, resuming on "
+                  f"{self.dist.world_size}: RNG streams restart", flush=True)
+        if self.dist.is_main:
+            print(f"resumed from {path} at epoch {self.epoch}, batch {self.batch_in_epoch}, step {self.step}",
+                  flush=True)
+
+    # ------------------------------------------------------------------ evaluation
+    def knn(self) -> dict | None:
+        if self.knn_loaders is None:
+            return None
+        from ..eval.knn import knn_eval
+
+        train_loader, val_loader = self.knn_loaders
+        with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
+            res = knn_eval(self.method.backbone, train_loader, val_loader, self.device,
+                           k=self.cfg.knn_k, T=self.cfg.knn_t)
+        self.logger.log({"step": self.step, "epoch": self.epoch, **{f"knn_{k}": v for k, v in res.items()}})
+        self.logger.print(f"epoch {self.epoch} step {self.step}: kNN top-1 {res['top1']:.4f}")
+        return res
+
+    # ------------------------------------------------------------------ loop
+    def _to_device(self, views):
+        cl = self.cfg.channels_last and self.device.type == "cuda"
+        views = views if isinstance(views, (list, tuple)) else [views]
+        out = []
+        for v in views:
+            v = v.to(self.device, non_blocking=True)
+            if cl and v.ndim == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+            out.append(v)
+        return out
+
+    def _check_finite(self, bad_step: torch.Tensor) -> None:
+        """Raise if a step since the last check had a non-finite loss (one host sync per check)."""
+        s = int(bad_step.item())
+        if s >= 0:
+            raise NonFiniteLossError(
+                f"loss is not finite at step {s} (epoch {s // self.steps_per_epoch}): stopping; the last "
+                f"checkpoint in {self.cfg.out_dir} is from before it and is intact. Lower the lr, check the "
+                "data, or try --amp none.")
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        end_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        bar, bar_step = Progress(end_step, self.step, enabled=self.dist.is_main), self.step
+        tput = Throughput()
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype)) if self.amp_dtype \
+            else nullcontext
+        result: dict = {}
+        self.method.train()
+        while self.step < end_step:
+            self.loader.set_epoch(self.epoch, self.batch_in_epoch)
+            data_iter = iter(self.loader)
+            while self.batch_in_epoch < self.steps_per_epoch and self.step < end_step:
+                with nvtx_range("data"):
+                    try:
+                        views, _labels, _idx = next(data_iter)
+                    except StopIteration:
+                        raise RuntimeError(
+                            f"loader ended after {self.batch_in_epoch} of {self.steps_per_epoch} batches in "
+                            f"epoch {self.epoch}") from None
+                    views = self._to_device(views)
+                info = self._apply_schedules(self.step)
+                with nvtx_range("forward"), autocast():
+                    out = self.model(views, info)
+                loss = out["loss"]
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                       torch.tensor(self.step, device=self.device), bad_step)
+                with nvtx_range("backward"):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss).backward()
+                with nvtx_range("optimizer"):
+                    self.method.before_optimizer_step(info)
+                    if cfg.clip_grad > 0:
+                        self.scaler.unscale_(self.optimizer)
+                        torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.clip_grad, foreach=True)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                with nvtx_range("ema"):
+                    self.method.after_optimizer_step(info)
+                self.step += 1
+                self.batch_in_epoch += 1
+                tput.add(cfg.batch_size)
+                if self.step % cfg.log_every == 0 or self.step == end_step:
+                    self._check_finite(bad_step)
+                    rec = {"step": self.step, "epoch": self.epoch, "lr": info["lr"],
+                           **{k: float(v.detach()) for k, v in out.items()}, "img_per_s": tput.rate()}
+                    self.logger.log(rec)
+                    if self.log_fn:
+                        self.log_fn(rec)
+                    bar.update(self.step - bar_step, loss=f"{rec['loss']:.4f}", lr=f"{info['lr']:.3g}",
+                               img_s=f"{rec['img_per_s']:.0f}")
+                    bar_step = self.step
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 \
+                        and self.batch_in_epoch < self.steps_per_epoch:  # (epoch ends save below)
+                    self._check_finite(bad_step)
+                    self.save()
+            if self.batch_in_epoch >= self.steps_per_epoch:  # epoch finished
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self._check_finite(bad_step)
+                self.save()
+                if cfg.knn_every and self.epoch % cfg.knn_every == 0 and self.step < end_step:
+                    result = self.knn() or result
+                    self.method.train()
+        bar.close()
+        self._check_finite(bad_step)
+        self.save()
+        result = self.knn() or result
+        self.logger.close()
+        return {"step": self.step, "epoch": self.epoch, **(result or {})}

@@ -1,0 +1,3 @@
+from .base import Method, Step
+
+__all__ = ["Method", "Step"]

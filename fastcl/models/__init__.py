@@ -1,0 +1,4 @@
+from .backbones import build_backbone, BACKBONES
+from .heads import MLPHead, ProjectionHead, SplitBatchNorm2d, convert_to_split_bn
+
+__all__ = ["build_backbone", "BACKBONES", "MLPHead", "ProjectionHead", "SplitBatchNorm2d", "convert_to_split_bn"]

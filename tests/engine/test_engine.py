@@ -1,0 +1,199 @@
+"""The engine on its own: split BN, LARS, schedules, exact resume, non-finite loss, DDP == one process."""
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastcl.engine import NonFiniteLossError, TrainConfig, Trainer
+from fastcl.engine.distributed import DistInfo, init_distributed
+from fastcl.engine.optim import LARS, cosine_schedule
+from fastcl.methods import Method
+from fastcl.models.heads import SplitBatchNorm2d
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def test_split_bn_equals_per_chunk_bn():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 5, 5) * 3 + 1
+    bn = SplitBatchNorm2d(3, num_splits=4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    ref_rm, ref_rv, chunks = [], [], []
+    for c in (x[j::4] for j in range(4)):  # sub-batch j = samples j, j+4, ... (a free reshape, as in MoCo's demo)
+        rm, rv = torch.zeros(3), torch.ones(3)
+        chunks.append(F.batch_norm(c, rm, rv, bn.weight, bn.bias, training=True, momentum=0.1, eps=bn.eps))
+        ref_rm.append(rm)
+        ref_rv.append(rv)
+    out = bn(x)
+    torch.testing.assert_close(out, torch.stack(chunks, 1).flatten(0, 1))
+    torch.testing.assert_close(bn.running_mean, torch.stack(ref_rm).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack(ref_rv).mean(0))
+    bn.eval()  # eval: plain BN with the averaged statistics
+    torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
+
+
+def test_lars_step_matches_formula():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    opt = LARS([{"params": [w], "weight_decay": 1e-2}, {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
+               lr=0.5, momentum=0.9, trust_coefficient=0.001)
+    w_ref, b_ref = w.detach().clone(), b.detach().clone()
+    mw, mb = torch.zeros_like(w_ref), torch.zeros_like(b_ref)
+    for it in range(3):
+        gw, gb = torch.randn_like(w_ref), torch.randn_like(b_ref)
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+        d = gw + 1e-2 * w_ref
+        d = d * (0.001 * w_ref.norm() / d.norm())
+        mw = d if it == 0 else 0.9 * mw + d
+        mb = gb if it == 0 else 0.9 * mb + gb
+        w_ref, b_ref = w_ref - 0.5 * mw, b_ref - 0.5 * mb
+        torch.testing.assert_close(w.detach(), w_ref)
+        torch.testing.assert_close(b.detach(), b_ref)
+
+
+def test_cosine_schedule_warmup_and_end_points():
+    s = cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=10, warmup_epochs=1)
+    assert len(s) == 40
+    np.testing.assert_allclose(s[:10], np.arange(10) / 10)
+    assert s[10] == pytest.approx(1.0)
+    t = 15  # inside the cosine: base -> final over the 30 post-warm-up steps
+    assert s[10 + t] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * t / 30)))
+    assert s[-1] == pytest.approx(0.1, abs=0.01)
+
+
+# ---------------------------------------------------------------------------------------------- toys
+class ToyLoader:
+    """The loader protocol over a fixed tensor set; interleaved DDP shards; optional RNG 'augmentation'."""
+
+    def __init__(self, n=48, dim=8, batch_size=6, rank=0, world_size=1, noise=True, seed=0):
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, dim, generator=g)
+        self.bs, self.rank, self.world, self.noise, self.seed = batch_size, rank, world_size, noise, seed
+        self.epoch, self.start = 0, 0
+
+    def __len__(self):
+        return len(self.x) // (self.bs * self.world)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start = epoch, start_batch
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        mine = perm[self.rank::self.world]
+        for i in range(self.start, len(self)):
+            idx = mine[i * self.bs:(i + 1) * self.bs]
+            x = self.x[idx]
+            v2 = x + 0.1 * torch.randn_like(x) if self.noise else x.flip(1)  # draws from the global RNG
+            yield [x, v2], torch.zeros(len(idx), dtype=torch.long), idx
+
+
+class ToyMethod(Method):
+    """A linear encoder regressed from one view onto the other, with an EMA copy (like a momentum encoder)."""
+
+    def __init__(self, nan_at_step=None):
+        super().__init__()
+        torch.manual_seed(7)
+        self.backbone = nn.Linear(8, 8)
+        self.target = nn.Linear(8, 8)
+        self.target.load_state_dict(self.backbone.state_dict())
+        self.target.requires_grad_(False)
+        self.nan_at_step = nan_at_step
+
+    def schedules(self, epochs, steps_per_epoch):
+        return {"momentum": cosine_schedule(0.9, 1.0, epochs, steps_per_epoch)}
+
+    def forward(self, views, step):
+        loss = F.mse_loss(self.backbone(views[0]), views[1])
+        if step.step == self.nan_at_step:
+            loss = loss * float("nan")
+        return {"loss": loss, "target_gap": (self.backbone.weight - self.target.weight).abs().mean().detach()}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step):
+        for pt, po in zip(self.target.parameters(), self.backbone.parameters()):
+            pt.lerp_(po, 1 - step["momentum"])
+
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+def _train(tmp, max_steps, log, method=None, loader=None, **kw):
+    cfg = TrainConfig(out_dir=str(tmp), epochs=3, batch_size=6, optimizer="sgd", lr=0.1, weight_decay=1e-3,
+                      warmup_epochs=1, log_every=1, max_steps=max_steps, amp="none", **kw)
+    t = Trainer(method or ToyMethod(), loader or ToyLoader(), cfg, CPU, log_fn=log.append)
+    t.fit()
+    return t
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
+    torch.manual_seed(0)
+    full = []
+    a = _train(tmp_path / "a", 20, full)
+    assert len(full) == 20
+    torch.manual_seed(0)
+    first, second = [], []
+    _train(tmp_path / "b", 11, first)  # stops mid-epoch 1 (8 steps/epoch), checkpoint written on the way out
+    torch.manual_seed(123)  # a fresh process would not share the RNG state: resume must restore it
+    b = _train(tmp_path / "b", 20, second)
+    assert [r["step"] for r in second] == list(range(12, 21))
+    assert [r["loss"] for r in first + second] == [r["loss"] for r in full]  # bit-exact
+    for pa, pb in zip(a.method.state_dict().values(), b.method.state_dict().values()):
+        assert torch.equal(pa, pb)
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    log = []
+    with pytest.raises(NonFiniteLossError, match="step 5"):
+        _train(tmp_path, 0, log, method=ToyMethod(nan_at_step=5), ckpt_every=4)
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert ckpt["position"]["step"] == 4  # the last good checkpoint, untouched by the bad step
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_resume_rejects_a_foreign_file(tmp_path):
+    torch.save({"something": 1}, tmp_path / "checkpoint.pth")
+    with pytest.raises(RuntimeError, match="checkpoint.pth lacks"):
+        _train(tmp_path, 2, [])
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out_dir, result_path):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist_info = init_distributed("cpu")
+    cfg = TrainConfig(out_dir=out_dir, epochs=2, batch_size=12, optimizer="sgd", lr=0.1, weight_decay=1e-3,
+                      log_every=1, amp="none", resume="none")
+    t = Trainer(ToyMethod(), ToyLoader(batch_size=12 // world, rank=rank, world_size=world, noise=False),
+                cfg, dist_info)
+    t.fit()
+    if rank == 0:
+        torch.save(t.method.state_dict(), result_path)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    port = _free_port()
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")), nprocs=2,
+                       start_method="spawn")
+    cfg = TrainConfig(out_dir=str(tmp_path / "one"), epochs=2, batch_size=12, optimizer="sgd", lr=0.1,
+                      weight_decay=1e-3, log_every=1, amp="none", resume="none")
+    single = Trainer(ToyMethod(), ToyLoader(batch_size=12, noise=False), cfg, CPU)
+    single.fit()
+    ddp_state = torch.load(tmp_path / "ddp.pt")
+    for k, v in single.method.state_dict().items():
+        torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6)
