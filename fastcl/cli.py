@@ -1,0 +1,224 @@
+"""What every recipe shares: the common argument parser, presets, data loaders and the run itself.
+
+A recipe (``recipes/<method>_<arch>.py``) adds its method's arguments and presets, builds its method
+and calls ``run``. With no ``--data`` a recipe trains on CIFAR-10 (downloaded on first use and cached)
+with its ``cifar`` preset; with ``--data PATH`` (ImageNet layout: PATH/train/<class>/*.jpg and
+PATH/val/<class>/*) it uses its ``imagenet`` preset, the paper's settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .data.augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, AugmentSpec
+from .engine import DistInfo, TrainConfig, Trainer, init_distributed
+
+
+def base_parser() -> argparse.ArgumentParser:
+    """Arguments shared by all recipes (``add_help=False`` so recipes can use it as a parent)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="cifar10",
+                   help="'cifar10' (default; downloaded and cached under $FASTCL_DATA or ~/.cache/fastcl) or an "
+                        "ImageNet-layout folder with train/ and val/ class sub-folders")
+    g.add_argument("--data-backend", default="auto", choices=["auto", "dali", "torch"],
+                   help="augmentation back end (default: auto = DALI when installed and a GPU is present, "
+                        "else torchvision)")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading workers / DALI threads per process (default: min(8, cores))")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--preset", default=None, choices=["cifar", "imagenet"],
+                   help="hyper-parameter preset (default: cifar for --data cifar10, imagenet otherwise)")
+    g.add_argument("--arch", default=None, help="backbone name (see fastcl.models.BACKBONES)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None, help="global batch size over all processes")
+    g.add_argument("--lr", type=float, default=None, help="base lr for batch 256 (scaled linearly)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="final lr of the cosine schedule (default: 0)")
+    g.add_argument("--warmup-epochs", type=float, default=None)
+    g.add_argument("--optimizer", default=None, choices=["sgd", "lars", "adamw"])
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD/LARS momentum (default: 0.9)")
+    g.add_argument("--wd", type=float, default=None, help="weight decay")
+    g.add_argument("--wd-end", type=float, default=None, help="final weight decay of a cosine schedule")
+    g.add_argument("--clip-grad", type=float, default=None, help="max grad norm (0 = off)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="output dir for checkpoints and logs (default: runs/<recipe>)")
+    g.add_argument("--resume", default="auto",
+                   help="'auto' (default: latest checkpoint in --out if any), 'none', or a checkpoint path")
+    g.add_argument("--max-steps", type=int, default=0,
+                   help="stop after this many steps (a quick try; schedules still span --epochs). 0 = off")
+    g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps (default: 1000)")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--knn-every", type=int, default=None, help="kNN eval every N epochs (0: only at the end)")
+    g.add_argument("--knn-k", type=int, default=200)
+    g.add_argument("--knn-t", type=float, default=0.1)
+    g.add_argument("--knn-samples", type=int, default=0,
+                   help="use this many train (and a fifth as many val) images for kNN (0 = all)")
+    g.add_argument("--no-knn", action="store_true", help="skip kNN evaluation")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
+    g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                   help="fused Triton kernels (auto: on CUDA) or the plain-torch references")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--no-channels-last", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv=None) -> argparse.Namespace:
+    """Parse, then fill every argument left at None from the chosen preset."""
+    args = parser.parse_args(argv)
+    preset = args.preset or ("cifar" if args.data == "cifar10" else "imagenet")
+    if preset not in presets:
+        parser.error(f"--preset {preset!r} is not defined for this recipe (have: {sorted(presets)})")
+    args.preset = preset
+    for k, v in presets[preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    missing = [k for k, v in vars(args).items() if v is None and k not in ("wd_end",)]
+    if missing:
+        parser.error(f"no value for {missing} (not given and not in preset {preset!r})")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- data
+def dataset_stats(args) -> tuple[tuple, tuple]:
+    return (CIFAR10_MEAN, CIFAR10_STD) if args.data == "cifar10" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _use_dali(args, dist: DistInfo) -> bool:
+    from .data.dali import dali_available
+
+    if args.data_backend == "torch":
+        return False
+    if args.data_backend == "dali":
+        if not dali_available():
+            raise RuntimeError("--data-backend dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
+        return True
+    return dali_available() and dist.device.type == "cuda"
+
+
+def build_train_loader(args, spec: AugmentSpec, dist: DistInfo):
+    """The training loader (views, labels, indices) for ``spec``, sharded over the ranks."""
+    per_rank = args.batch_size // dist.world_size
+    if per_rank * dist.world_size != args.batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {dist.world_size} processes")
+    if _use_dali(args, dist):
+        from .data.dali import DaliLoader
+
+        root = _train_root(args)
+        return DaliLoader(root, spec, per_rank, rank=dist.rank, world_size=dist.world_size, seed=args.seed,
+                          num_threads=args.workers, device=dist.device,
+                          channels_last=dist.device.type == "cuda" and not args.no_channels_last)
+    from .data.loader import TorchLoader
+    from .data.transforms import MultiViewTransform
+
+    dataset = _dataset(args, "train", MultiViewTransform(spec))
+    return TorchLoader(dataset, per_rank, rank=dist.rank, world_size=dist.world_size, seed=args.seed,
+                       num_workers=args.workers, pin_memory=dist.device.type == "cuda",
+                       persistent_workers=args.workers > 0)
+
+
+def build_knn_loaders(args, dist: DistInfo, size: int):
+    """(train, val) loaders with the eval transform, for the kNN monitor."""
+    if args.no_knn:
+        return None
+    from .data.loader import TorchLoader
+    from .data.transforms import eval_transform
+
+    mean, std = dataset_stats(args)
+    tf = eval_transform(size, mean, std, resize=None if args.data == "cifar10" else int(size * 256 / 224))
+    loaders = []
+    for split, n in (("train", args.knn_samples), ("val", args.knn_samples // 5)):
+        ds = _dataset(args, split, tf)
+        if n:
+            ds = torch.utils.data.Subset(ds, np.random.default_rng(0).permutation(len(ds))[:n].tolist())
+        loaders.append(TorchLoader(ds, 256, rank=dist.rank, world_size=dist.world_size, shuffle=False,
+                                   drop_last=False, num_workers=args.workers))
+    return tuple(loaders)
+
+
+def _train_root(args) -> Path:
+    if args.data == "cifar10":
+        from .data.cifar10 import cifar10_imagefolder
+
+        return cifar10_imagefolder() / "train"
+    return Path(args.data) / "train"
+
+
+def _dataset(args, split: str, transform):
+    if args.data == "cifar10":
+        from .data.cifar10 import load_cifar10
+        from .data.datasets import ArrayDataset
+
+        images, labels = load_cifar10(split="train" if split == "train" else "test")
+        return ArrayDataset(images, labels, transform)
+    from .data.imagefolder import ImageFolderDataset
+
+    root = Path(args.data) / split
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {args.data}: no {split}/ folder at {root} (expected the ImageNet layout "
+                                f"{args.data}/train/<class>/*.jpg and {args.data}/val/<class>/*.jpg)")
+    return ImageFolderDataset(root, transform)
+
+
+# ---------------------------------------------------------------------------------------------- run
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def train_config(args, recipe: str) -> TrainConfig:
+    return TrainConfig(
+        out_dir=args.out or str(Path("runs") / recipe), epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr * args.batch_size / 256, min_lr=args.min_lr,
+        warmup_epochs=args.warmup_epochs, momentum=args.momentum, weight_decay=args.wd,
+        weight_decay_end=args.wd_end, clip_grad=args.clip_grad, amp=args.amp,
+        channels_last=not args.no_channels_last, ckpt_every=args.ckpt_every, log_every=args.log_every,
+        max_steps=args.max_steps, knn_every=args.knn_every, knn_k=args.knn_k, knn_t=args.knn_t,
+        seed=args.seed, resume=args.resume, extra=vars(args).copy())
+
+
+def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn.Module], spec: AugmentSpec,
+        knn_size: int | None = None) -> dict:
+    """Set up processes, data and the method, train, and export the backbone. Returns the final metrics."""
+    from . import kernels
+
+    kernels.set_backend(args.kernels)
+    dist = init_distributed(args.device)
+    seed_everything(args.seed, dist.rank)
+    cfg = train_config(args, recipe)
+    if dist.is_main:
+        print(f"fastcl {recipe} | preset {args.preset} | {dist.world_size} process(es) on {dist.device}")
+        print(json.dumps(vars(args), indent=1, default=str), flush=True)
+    loader = build_train_loader(args, spec, dist)
+    knn_loaders = build_knn_loaders(args, dist, knn_size or spec.views[0].size)
+    method = build_method(args)
+    trainer = Trainer(method, loader, cfg, dist, knn_loaders=knn_loaders)
+    result = trainer.fit()
+    if dist.is_main:
+        out = Path(cfg.out_dir)
+        torch.save({"backbone": method.backbone.state_dict(), "arch": args.arch}, out / "backbone.pth")
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+        print(f"done: {json.dumps(result)}; backbone weights in {out / 'backbone.pth'}", flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def main_guard(fn: Callable[[], object]) -> None:
+    """Run a recipe's main; turn expected user errors into one clear line and a non-zero exit."""
+    from .engine import NonFiniteLossError
+
+    try:
+        fn()
+    except (NonFiniteLossError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
