@@ -46,3 +46,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             raise RuntimeError("--kernels triton was asked for but triton is not installed")
         return True
     return triton_available() and all(t.is_cuda for t in tensors)
+
+
+from .dino_loss import dino_loss  # noqa: E402
+from .ema import EMAUpdater, ema_update_  # noqa: E402
+from .infonce import contrastive_lse, inbatch_infonce, moco_infonce, ntxent  # noqa: E402
+from .queue import KeyQueue  # noqa: E402
+
+__all__ = ["BACKENDS", "set_backend", "get_backend", "triton_available", "use_triton", "moco_infonce",
+           "inbatch_infonce", "ntxent", "contrastive_lse", "KeyQueue", "ema_update_", "EMAUpdater", "dino_loss"]

@@ -1,0 +1,57 @@
+"""Shared launch helpers for the fastcl Triton kernels (after Liger-Kernel ``ops/utils.py``).
+
+``calculate_settings`` picks a power-of-two block and a warp count for a row of ``n`` elements and
+raises for rows too long to hold in one block; ``ensure_contiguous`` makes every tensor argument of
+an autograd hook contiguous so kernels can assume a unit inner stride.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+MAX_FUSED_SIZE = 65536  # largest row one program keeps in registers (Liger uses the same cap)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def interpreting() -> bool:
+    """True when Triton runs in the CPU interpreter (TRITON_INTERPRET=1): no tensor cores, slow."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def calculate_settings(n: int) -> tuple[int, int]:
+    block = next_power_of_2(n)
+    if block > MAX_FUSED_SIZE:
+        raise RuntimeError(f"a row of {n} elements exceeds the fused block limit {MAX_FUSED_SIZE}")
+    num_warps = 4
+    if block >= 32768:
+        num_warps = 32
+    elif block >= 8192:
+        num_warps = 16
+    elif block >= 2048:
+        num_warps = 8
+    return block, num_warps
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a small split still exercises the split-reduction code paths
+
+
+def ensure_contiguous(fn):
+    @functools.wraps(fn)
+    def wrapper(ctx, *args, **kwargs):
+        args = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        return fn(ctx, *args, **kwargs)
+
+    return wrapper
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

@@ -1,0 +1,63 @@
+"""EMA update vs hand-computed float64 values; EMAUpdater over modules (grouped, buffers)."""
+import pytest
+import torch
+
+from fastcl.kernels import EMAUpdater, ema_update_
+
+cuda = torch.cuda.is_available()
+DEV = "cuda" if cuda else "cpu"
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("tensor_momentum", [False, True])
+def test_ema_update_hand_computed(backend, dtype, atol, tensor_momentum):
+    shapes = [(3, 5), (7,), (2, 3, 4), (1,), (130,)]  # weird shapes
+    tgt = [torch.randn(s).to(DEV, dtype) for s in shapes]
+    onl = [torch.randn(s).to(DEV, dtype) for s in shapes]
+    m = 0.9
+    expected = [0.9 * t.double() + 0.1 * o.double() for t, o in zip(tgt, onl)]
+    mom = torch.tensor(m, device=DEV) if tensor_momentum else m
+    ema_update_(tgt, onl, mom)
+    for t, e in zip(tgt, expected):
+        torch.testing.assert_close(t.double(), e, atol=atol, rtol=0)
+
+
+def test_ema_exact_values():
+    t, o = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, -2.0])]
+    ema_update_(t, o, 0.75)  # 0.75*1 + 0.25*3 = 1.5 ; 0.75*2 - 0.25*2 = 1.0
+    assert t[0].tolist() == [1.5, 1.0]
+
+
+def _net():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5), torch.nn.Flatten(),
+                               torch.nn.Linear(5 * 4 * 4, 7))
+
+
+@pytest.mark.parametrize("copy_buffers", [False, True])
+def test_ema_updater_modules(backend, copy_buffers):
+    online, target = _net().to(DEV), _net().to(DEV)
+    online(torch.randn(4, 3, 6, 6, device=DEV))  # move BN running stats
+    online_before = [p.detach().clone() for p in online.parameters()]
+    expected = [0.99 * t.detach().double() + 0.01 * o.detach().double()
+                for t, o in zip(target.parameters(), online.parameters())]
+    upd = EMAUpdater(online, target, copy_buffers=copy_buffers)
+    upd.update(0.99)
+    for t, e in zip(target.parameters(), expected):
+        torch.testing.assert_close(t.detach().double(), e, atol=1e-6, rtol=0)
+    for p, b in zip(online.parameters(), online_before):
+        assert torch.equal(p, b) and p.is_leaf and p._base is None  # online untouched, no views
+    for bo, bt in zip(online.buffers(), target.buffers()):
+        assert torch.equal(bo, bt) == copy_buffers or bo.dtype == torch.long and bo.item() == bt.item() == 1
+    # the target stays usable: forward works, and a second update composes
+    upd.update(torch.tensor(0.5, device=DEV))
+    target(torch.randn(2, 3, 6, 6, device=DEV))
+
+
+def test_ema_updater_mixed_dtypes(backend):
+    online = torch.nn.ModuleList([torch.nn.Linear(4, 3), torch.nn.Linear(3, 2).half()])
+    target = torch.nn.ModuleList([torch.nn.Linear(4, 3), torch.nn.Linear(3, 2).half()])
+    expected = [0.8 * t.detach().double() + 0.2 * o.detach().double()
+                for t, o in zip(target.parameters(), online.parameters())]
+    EMAUpdater(online, target).update(0.8)
+    for t, e in zip(target.parameters(), expected):
+        torch.testing.assert_close(t.detach().double(), e, atol=2e-3 if t.dtype == torch.half else 1e-6, rtol=0)

@@ -1,0 +1,168 @@
+"""InfoNCE kernels vs float64 references written out here (MoCo, MoCo v3 in-batch, SimCLR NT-Xent)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcl.kernels as K
+from fastcl.kernels import inbatch_infonce, moco_infonce, ntxent
+
+cuda = torch.cuda.is_available()
+DEV = "cuda" if cuda else "cpu"
+
+
+def assert_verbose_allclose(a, b, rtol, atol, name=""):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    bad = ~torch.isclose(a, b, rtol=rtol, atol=atol, equal_nan=True)
+    nan_mismatch = (a.isnan() != b.isnan()).sum().item() + (a.isinf() != b.isinf()).sum().item()
+    if bad.any() or nan_mismatch:
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(f"{name}: {bad.sum().item()}/{a.numel()} mismatches, {nan_mismatch} nan/inf "
+                             f"disagreements, max abs diff {(a - b).abs().nan_to_num().max().item():.3g}, first {idx}")
+
+
+# ---- float64 references (literal transcriptions) ----------------------------------------------
+def ref_moco(q, k, queue, T, normalize=True):
+    q, k, queue = q.double(), k.double(), queue.double()
+    if normalize:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # Nx1
+    l_neg = torch.einsum("nc,ck->nk", q, queue.t())  # NxK
+    logits = torch.cat([l_pos, l_neg], dim=1) / T  # Nx(1+K)
+    labels = torch.zeros(logits.shape[0], dtype=torch.long)
+    return F.cross_entropy(logits, labels.to(logits.device))
+
+
+def ref_inbatch(q, k, T, pos_offset=0, normalize=True):
+    q, k = q.double(), k.double()
+    if normalize:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = q @ k.t() / T
+    labels = torch.arange(q.shape[0], device=q.device) + pos_offset
+    return F.cross_entropy(logits, labels)
+
+
+def ref_ntxent(z1, z2, T, normalize=True):
+    z = torch.cat([z1, z2]).double()
+    if normalize:
+        z = F.normalize(z, dim=1)
+    n = z1.shape[0]
+    sim = z @ z.t() / T
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, labels)
+
+
+# fp32 compares to 1e-4; fp16 inputs are rounded to fp16 before both paths, so only the kernel's
+# fp16 dot inputs (dS cast to fp16 in the backward) and fp16 grad outputs loosen it.
+DTYPES = [
+    (torch.float32, 1e-4, 1e-5),
+    (torch.float16, 2e-2, 2e-3),
+    pytest.param(torch.bfloat16, 5e-2, 1e-2, marks=pytest.mark.skipif(not cuda, reason="bf16 tl.dot needs a GPU (interpreter gives garbage)")),
+]
+
+
+def _leaves(shape, dtype, seed, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(DEV, dtype)
+    return x.clone().requires_grad_(requires_grad), x.clone().requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
+@pytest.mark.parametrize("N,C,Kq", [(8, 32, 64), (13, 24, 37)])  # second: weird shapes
+def test_moco_infonce(backend, dtype, rtol, atol, N, C, Kq):
+    q1, q2 = _leaves((N, C), dtype, 1)
+    k1, k2 = _leaves((N, C), dtype, 2)
+    queue = F.normalize(torch.randn(Kq, C, generator=torch.Generator().manual_seed(3)), dim=1).to(DEV, dtype)
+    out = moco_infonce(q1, k1, queue, 0.2)
+    ref = ref_moco(q2, k2, queue, 0.2)
+    assert out.dtype == torch.float32 and out.dim() == 0
+    assert_verbose_allclose(out, ref, rtol, atol, "loss")
+    (out * 1.7).backward()
+    (ref * 1.7).backward()
+    assert_verbose_allclose(q1.grad, q2.grad, rtol, atol, "dq")
+    assert_verbose_allclose(k1.grad, k2.grad, rtol, atol, "dk")
+
+
+def test_moco_no_normalize_and_no_key_grad(backend):
+    q1, q2 = _leaves((9, 16), torch.float32, 4)
+    k = torch.randn(9, 16)
+    queue = F.normalize(torch.randn(40, 16), dim=1)
+    out = moco_infonce(q1, k, queue, 0.07, normalize=False)
+    ref = ref_moco(q2, k, queue, 0.07, normalize=False)
+    assert_verbose_allclose(out, ref, 1e-4, 1e-5, "loss")
+    out.backward()
+    ref.backward()
+    assert_verbose_allclose(q1.grad, q2.grad, 1e-4, 1e-5, "dq")
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
+@pytest.mark.parametrize("N,M,C,off", [(16, 16, 32, 0), (11, 45, 20, 17)])  # second: weird shapes, DDP offset
+def test_inbatch_infonce(backend, dtype, rtol, atol, N, M, C, off):
+    q1, q2 = _leaves((N, C), dtype, 5)
+    k1, k2 = _leaves((M, C), dtype, 6)
+    out = inbatch_infonce(q1, k1, 0.2, pos_offset=off)
+    ref = ref_inbatch(q2, k2, 0.2, pos_offset=off)
+    assert_verbose_allclose(out, ref, rtol, atol, "loss")
+    out.backward()
+    ref.backward()
+    assert_verbose_allclose(q1.grad, q2.grad, rtol, atol, "dq")
+    assert_verbose_allclose(k1.grad, k2.grad, rtol, atol, "dk")
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
+@pytest.mark.parametrize("N,C", [(8, 32), (7, 19)])  # second: weird shapes
+def test_ntxent(backend, dtype, rtol, atol, N, C):
+    a1, a2 = _leaves((N, C), dtype, 7)
+    b1, b2 = _leaves((N, C), dtype, 8)
+    out = ntxent(a1, b1, 0.5)
+    ref = ref_ntxent(a2, b2, 0.5)
+    assert_verbose_allclose(out, ref, rtol, atol, "loss")
+    out.backward()
+    ref.backward()
+    assert_verbose_allclose(a1.grad, a2.grad, rtol, atol, "dz1")
+    assert_verbose_allclose(b1.grad, b2.grad, rtol, atol, "dz2")
+
+
+def test_ntxent_ddp_layout_matches_single_device(backend):
+    """Two simulated ranks: the mean of the per-rank losses over the gathered rows equals the
+    single-device loss on the global batch, and with a differentiable gather the grads match too."""
+    n, c, world = 5, 12, 2
+    z1s = [torch.randn(n, c, requires_grad=True) for _ in range(world)]
+    z2s = [torch.randn(n, c, requires_grad=True) for _ in range(world)]
+    z_all = torch.cat([torch.cat([z1s[r], z2s[r]]) for r in range(world)])
+    losses = [ntxent(z1s[r], z2s[r], 0.3, z_all=z_all, offset=r * 2 * n) for r in range(world)]
+    total = sum(losses) / world
+    # single device on the same 2·n·world anchors, re-ordered as [all view1; all view2]
+    Z1 = torch.cat([z.detach() for z in z1s]).requires_grad_()
+    Z2 = torch.cat([z.detach() for z in z2s]).requires_grad_()
+    ref = ref_ntxent(Z1, Z2, 0.3)
+    assert_verbose_allclose(total, ref, 1e-4, 1e-5, "loss")
+    total.backward()
+    ref.backward()
+    assert_verbose_allclose(torch.cat([z.grad for z in z1s]), Z1.grad, 1e-4, 1e-6, "dz1")
+    assert_verbose_allclose(torch.cat([z.grad for z in z2s]), Z2.grad, 1e-4, 1e-6, "dz2")
+
+
+def test_closed_form_uniform():
+    """q equal to its positive and orthogonal to 4 queue rows: loss = log(e^{1/T} + 4) - 1/T."""
+    C, T = 8, 0.5
+    q = torch.eye(C)[:2]
+    k = q.clone()
+    queue = torch.eye(C)[2:6]  # orthogonal to q: logits 0
+    loss = moco_infonce(q, k, queue, T)
+    expect = torch.log(torch.exp(torch.tensor(1 / T)) + 4) - 1 / T
+    assert torch.allclose(loss, expect, atol=1e-6)
+
+
+def test_backends_agree():
+    q = torch.randn(10, 24)
+    k = torch.randn(30, 24)
+    old = K.get_backend()
+    try:
+        K.set_backend("torch")
+        a = inbatch_infonce(q, k, 0.1, pos_offset=10)
+        K.set_backend("triton")
+        b = inbatch_infonce(q, k, 0.1, pos_offset=10)
+    finally:
+        K.set_backend(old)
+    assert_verbose_allclose(a, b, 1e-5, 1e-6, "backends")
