@@ -208,13 +208,15 @@ class Trainer:
             while self.batch_in_epoch < self.steps_per_epoch and self.step < end_step:
                 with nvtx_range("data"):
                     try:
-                        views, _labels, _idx = next(data_iter)
+                        views, _labels, indices = next(data_iter)
                     except StopIteration:
                         raise RuntimeError(
                             f"loader ended after {self.batch_in_epoch} of {self.steps_per_epoch} batches in "
                             f"epoch {self.epoch}") from None
                     views = self._to_device(views)
                 info = self._apply_schedules(self.step)
+                if self.method.needs_indices:
+                    info.indices = indices.to(self.device, non_blocking=True)
                 with nvtx_range("forward"), autocast():
                     out = self.model(views, info)
                 loss = out["loss"]

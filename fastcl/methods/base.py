@@ -30,6 +30,7 @@ class Step:
     steps_per_epoch: int
     total_steps: int
     values: dict[str, float] = field(default_factory=dict)  # scheduled values at this step
+    indices: torch.Tensor | None = None  # dataset indices of the batch, for methods with needs_indices
 
     def __getitem__(self, name: str) -> float:
         return self.values[name]
@@ -39,6 +40,7 @@ class Method(nn.Module):
     """Base class: subclasses set ``self.backbone`` (used for kNN / export) and implement ``forward``."""
 
     backbone: nn.Module
+    needs_indices: bool = False  # True: the engine puts the batch's dataset indices in step.indices
 
     def forward(self, views: list[torch.Tensor], step: Step) -> dict[str, torch.Tensor]:
         raise NotImplementedError
