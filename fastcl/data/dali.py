@@ -1,0 +1,525 @@
+"""NVIDIA DALI back end of the augmentation spec (``fastcl.data.augment``), with a CPU twin.
+
+The same graph runs on the GPU (``device_id`` set: ``mixed`` nvJPEG decode, GPU augmentation) and on
+the CPU (``Pipeline(device_id=None)``, every operator ``device="cpu"``), picked automatically when
+CUDA is unavailable, so CI exercises the exact pipeline code that trains on the GPU.
+
+Per ``ViewSpec`` (one DALI branch per output view, in ``spec.expanded()`` order):
+
+    random resized crop     fused ROI decode ``decoders.image_random_crop`` + ``resize`` (``decode="fused"``)
+                            or one full decode shared by all views + ``random_resized_crop`` (``"once"``)
+    colour jitter (p)       ``brightness_contrast`` (contrast around the image's mean grey level, as
+                            torchvision) then ``hsv`` (saturation, hue); factors ~ U[max(0, 1-s), 1+s],
+                            hue ~ U[-h, h] turns
+    grayscale (p)           ``hsv(saturation=0)`` (Y = .299 R + .587 G + .114 B, 3 channels kept)
+    gaussian blur (p)       ``gaussian_blur(window_size=view.blur_kernel_size, sigma ~ U[blur_sigma])``
+    solarize (p)            ``lookup_table``: x >= 255 * threshold -> 255 - x
+    flip (p) + normalize    ``crop_mirror_normalize`` -> NCHW (or NHWC for ``channels_last``), fp32/fp16
+
+Probabilistic ops are DALI conditionals (``enable_conditionals=True``): a sample that draws "no"
+skips the op instead of running it with neutral parameters. Known, documented differences from the
+torchvision twin (``fastcl.data.transforms``), all within the statistical tests' tolerances:
+the four jitter ops run in a fixed order instead of a random one (they commute exactly up to
+intermediate clipping, see ``_jitter``); the hue shift is a rotation in YIQ space (DALI ``hsv``)
+instead of an HSV hue shift; resampling is DALI's antialiased linear filter.
+
+Reading and sharding: the loader reads the ImageFolder index space of
+``fastcl.data.imagefolder.ImageFolderDataset`` (sorted classes, sorted files, ``index`` = position)
+and shards with ``fastcl.data.loader.shard_batches`` -- the same batches, in the same order, as
+``TorchLoader``: one permutation per epoch seeded with ``seed + epoch``, rank ``r`` takes
+``perm[r::world_size]``; ``drop_last=True`` gives every rank the same number of full batches.
+The batches are fed to DALI through a batch ``external_source`` (file names; ``io.file.read`` reads
+the bytes in DALI's threads), which raises ``StopIteration`` after the epoch's last batch: no DALI
+reader owns an epoch, so no reader-side epoch accounting can drift (the solo-learn #265 "empty
+epoch" class of bugs). ``set_epoch(e, start_batch=k)`` resumes at batch ``k`` of epoch ``e``.
+
+Bad input: DALI cannot skip a sample inside a running batch (NVIDIA/DALI#3913), so
+1. a pre-scan (``validate="header"``, default) reads each file's first and last bytes and flags
+   files that are empty, of an unknown format (not JPEG/PNG/BMP/TIFF/WebP/PNM), JPEGs without an
+   end-of-image marker (truncated) and PNGs without ``IEND``; a PNG or grayscale/CMYK JPEG under a
+   ``.jpg`` name decodes fine and is kept;
+2. if the pipeline still raises on a batch, the files of the in-flight batches are decoded one by
+   one (bisection) with the same decoder, the culprits are flagged, the pipeline is rebuilt and the
+   epoch continues at the failed batch.
+A flagged file is never decoded; its slot gets the next good sample in dataset order, with that
+sample's label and the *requested* index (the ``ImageFolderDataset`` rule), so batch counts and the
+exactly-once accounting are unchanged. ``num_bad_files`` / ``bad_files`` count them, each with a
+warning.
+
+>>> from fastcl.data import augment
+>>> dl = DaliLoader("/data/imagenet/train", augment.mocov2_aug_plus(), 256, rank=r, world_size=w)  # doctest: +SKIP
+>>> for epoch in range(epochs):                                                  # doctest: +SKIP
+...     dl.set_epoch(epoch)
+...     for (q, k), labels, indices in dl: ...
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .augment import AugmentSpec, ViewSpec
+from .loader import shard_batches
+
+__all__ = ["dali_available", "DaliLoader", "build_pipeline", "check_image_header"]
+
+
+def dali_available() -> bool:
+    """True when ``nvidia.dali`` (and its PyTorch plugin) import; selects the ``--data-backend`` default."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA runtime inside the wheel
+        return False
+    return True
+
+
+# ============ bad-input pre-scan ============
+
+_TAIL = 4096  # JPEG EOI / PNG IEND must sit within the last 4 KiB (trailing junk beyond that is rare)
+
+
+def check_image_header(path: str) -> str | None:
+    """Cheap structural check of one encoded image: ``None`` if it looks decodable, else the reason.
+
+    Reads the first 16 bytes and the last ``_TAIL`` bytes; no decode.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - _TAIL))
+            tail = f.read()
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    if size == 0:
+        return "empty file"
+    if head.startswith(b"\xff\xd8\xff"):
+        if b"\xff\xd9" not in tail:
+            return "JPEG without end-of-image marker (truncated)"
+        return None
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None if b"IEND" in tail else "PNG without IEND chunk (truncated)"
+    if head[:2] == b"BM" or head[:4] in (b"II*\x00", b"MM\x00*") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
+    if head[:1] == b"P" and head[1:2] in b"123456":
+        return None
+    return "unknown image format"
+
+
+def _prescan(paths: Sequence[str], threads: int = 16) -> dict[int, str]:
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+        reasons = list(ex.map(check_image_header, paths, chunksize=256))
+    return {i: r for i, r in enumerate(reasons) if r is not None}
+
+
+# ============ the DALI graph ============
+
+def _dtype(torch_dtype: torch.dtype):
+    from nvidia.dali import types
+    if torch_dtype == torch.float16:
+        return types.FLOAT16
+    if torch_dtype in (torch.float32, torch.bfloat16):  # bf16: fp32 out of DALI, cast by torch
+        return types.FLOAT
+    raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {torch_dtype}")
+
+
+def _coin(p: float):
+    """A per-sample boolean with P(True) = p (only called for 0 < p < 1)."""
+    from nvidia.dali import fn, types
+    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+
+def _factor(strength: float):
+    """torchvision ColorJitter factor ~ U[max(0, 1 - s), 1 + s]."""
+    from nvidia.dali import fn
+    return fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
+
+
+def _jitter(img, v: ViewSpec):
+    """ColorJitter(b, c, s, h) on uint8 HWC.
+
+    torchvision applies the four ops in a random order; here the order is fixed. With
+    m = mean grey level and the YIQ model of saturation/hue, brightness (x -> b x), contrast
+    (x -> m + c (x - m)), saturation (I, Q -> s I, s Q) and hue (rotation of (I, Q)) are linear maps
+    that preserve or scale m consistently, so they commute; only intermediate clipping to [0, 255]
+    differs between orders.
+    """
+    from nvidia.dali import fn, types
+    if v.brightness > 0 or v.contrast > 0:
+        kw = {}
+        if v.brightness > 0:
+            kw["brightness"] = _factor(v.brightness)
+        if v.contrast > 0:
+            # torchvision blends with the mean of the grayscale image (not a fixed mid-grey)
+            rgb_mean = fn.reductions.mean(img, axes=[0, 1])
+            luma = types.Constant(np.array([0.299, 0.587, 0.114], np.float32))
+            kw["contrast"] = _factor(v.contrast)
+            kw["contrast_center"] = fn.reductions.sum(rgb_mean * luma)
+        img = fn.brightness_contrast(img, **kw)
+    if v.saturation > 0 or v.hue > 0:
+        kw = {}
+        if v.saturation > 0:
+            kw["saturation"] = _factor(v.saturation)
+        if v.hue > 0:
+            kw["hue"] = fn.random.uniform(range=[-360.0 * v.hue, 360.0 * v.hue])  # turns -> degrees
+        img = fn.hsv(img, **kw)
+    return img
+
+
+def _maybe(p: float, op, img, *args):
+    """Apply ``op(img, *args)`` with probability p (statically skipped/applied for p in {0, 1})."""
+    if p <= 0.0:
+        return img
+    if p >= 1.0:
+        return op(img, *args)
+    if _coin(p):
+        img = op(img, *args)
+    return img
+
+
+def _gray(img):
+    from nvidia.dali import fn
+    return fn.hsv(img, saturation=0.0)
+
+
+def _blur(img, v: ViewSpec):
+    from nvidia.dali import fn
+    return fn.gaussian_blur(img, window_size=v.blur_kernel_size, sigma=fn.random.uniform(range=list(v.blur_sigma)))
+
+
+def _solarize(img, v: ViewSpec):
+    from nvidia.dali import fn, types
+    thr = 255.0 * v.solarize_threshold  # same uint8 pixels as torchvision's solarize(img, 255 * thr)
+    return fn.lookup_table(img, keys=list(range(256)), values=[255 - x if x >= thr else x for x in range(256)],
+                           dtype=types.UINT8)
+
+
+def _view(encoded, decoded, v: ViewSpec, mixed: bool, out_dtype, layout: str):
+    """One augmented view from the encoded bytes (fused ROI decode) or a shared decoded image."""
+    from nvidia.dali import fn, types
+    crop = dict(random_area=list(v.scale), random_aspect_ratio=list(v.ratio), num_attempts=10)
+    if decoded is None:
+        img = fn.decoders.image_random_crop(encoded, device="mixed" if mixed else "cpu", output_type=types.RGB, **crop)
+        img = fn.resize(img, resize_x=v.size, resize_y=v.size, interp_type=types.INTERP_LINEAR, antialias=True)
+    else:
+        img = fn.random_resized_crop(decoded, size=[v.size, v.size], interp_type=types.INTERP_LINEAR,
+                                     antialias=True, **crop)
+    has_jitter = any(s > 0 for s in (v.brightness, v.contrast, v.saturation, v.hue))
+    if has_jitter:
+        img = _maybe(v.jitter_p, _jitter, img, v)
+    img = _maybe(v.grayscale_p, _gray, img)
+    img = _maybe(v.blur_p, _blur, img, v)
+    img = _maybe(v.solarize_p, _solarize, img, v)
+    mirror = 0 if v.flip_p <= 0 else (1 if v.flip_p >= 1 else fn.random.coin_flip(probability=v.flip_p))
+    return fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout=layout, mirror=mirror,
+                                    mean=[255.0 * m for m in v.mean], std=[255.0 * s for s in v.std])
+
+
+def build_pipeline(spec: AugmentSpec, batch_size: int, source, *, device_id: int | None = None,
+                   num_threads: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   channels_last: bool = False, decode: str = "auto", prefetch_queue_depth: int = 2):
+    """The DALI pipeline for ``spec``: outputs ``(*views, labels, indices)``.
+
+    Args:
+        source: batch callable for ``fn.external_source``, returning
+            ``(file names as uint8 arrays, labels int64 (B,), indices int64 (B,))``; raises
+            ``StopIteration`` at the end of the epoch.
+        device_id: CUDA device (mixed decode + GPU ops) or ``None`` (CPU twin).
+        decode: ``"fused"`` = one ROI decode per view (``decoders.image_random_crop``), ``"once"`` =
+            one full decode shared by all views, ``"auto"`` = fused for <= 2 views, else once.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+    if decode not in ("auto", "fused", "once"):
+        raise ValueError(f"decode must be 'auto', 'fused' or 'once', got {decode!r}")
+    views = spec.expanded()
+    if decode == "auto":
+        decode = "fused" if len(views) <= 2 else "once"
+    mixed = device_id is not None
+    out_dtype = _dtype(dtype)
+    layout = "HWC" if channels_last else "CHW"
+
+    @pipeline_def(enable_conditionals=True)
+    def pipe():
+        names, labels, indices = fn.external_source(source=source, batch=True, num_outputs=3,
+                                                    dtype=[types.UINT8, types.INT64, types.INT64])
+        encoded = fn.io.file.read(names)
+        decoded = None
+        if decode == "once":
+            decoded = fn.decoders.image(encoded, device="mixed" if mixed else "cpu", output_type=types.RGB)
+        outs = [_view(encoded, decoded, v, mixed, out_dtype, layout) for v in views]
+        return (*outs, labels, indices)
+
+    return pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                prefetch_queue_depth=prefetch_queue_depth)
+
+
+# ============ the loader ============
+
+def _to_torch(tl, device: torch.device) -> torch.Tensor:
+    """Copy a dense DALI TensorList into a fresh torch tensor (DALI reuses its buffers)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+    t = tl.as_tensor()
+    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(t, out, cuda_stream=stream)
+    return out
+
+
+class DaliLoader:
+    """DALI multi-view loader with the engine's loader protocol (same as ``TorchLoader``).
+
+    Yields ``(views, labels, indices)``: ``views`` is a list of ``(B, 3, size, size)`` tensors in
+    ``spec.expanded()`` order on ``device`` (``channels_last`` memory format if asked); ``labels`` and
+    ``indices`` are int64 CPU tensors of shape ``(B,)``.
+
+    Args:
+        root: ImageFolder split directory (``root/<class>/*.jpg``).
+        spec: the augmentation spec.
+        batch_size: per-rank batch size.
+        rank, world_size, seed, drop_last: sharding, as ``TorchLoader`` (``shard_batches``).
+        num_threads: DALI CPU threads (the counterpart of ``num_workers``).
+        device: ``"cuda"``/``torch.device`` (GPU pipeline on that device), ``"cpu"`` (CPU twin), or
+            ``None`` = the current CUDA device if available, else CPU.
+        dtype: float32, float16 (produced by DALI) or bfloat16 (fp32 from DALI, cast by torch).
+        channels_last: DALI emits NHWC, returned as an NCHW tensor in ``torch.channels_last`` format.
+        decode: see ``build_pipeline``.
+        validate: ``"header"`` (pre-scan, see module docstring) or ``"none"``.
+
+    Raises:
+        ValueError: bad ``batch_size``/``rank``/``dtype``/``validate``; from the ImageFolder scan:
+            no class folders or an empty class.
+    """
+
+    def __init__(self, root, spec: AugmentSpec, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_threads: int = 2, device=None, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False, drop_last: bool = True, decode: str = "auto",
+                 validate: str = "header", prefetch_queue_depth: int = 2):
+        from .imagefolder import ImageFolderDataset
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if validate not in ("header", "none"):
+            raise ValueError(f"validate must be 'header' or 'none', got {validate!r}")
+        _dtype(dtype)  # validate early
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {device}")
+
+        ds = ImageFolderDataset(root)
+        self.root, self.classes = ds.root, ds.classes
+        self.paths = [p for p, _ in ds.samples]
+        self.targets = np.asarray(ds.targets, dtype=np.int64)
+        self.spec, self.batch_size = spec, batch_size
+        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        self.num_threads, self.dtype, self.channels_last = num_threads, dtype, channels_last
+        self.decode, self.prefetch_queue_depth = decode, prefetch_queue_depth
+        self.epoch, self.start_batch = 0, 0
+        self.bad_files: dict[str, str] = {}  # path -> reason
+        self._bad: set[int] = set()
+        self.num_bad_loads = 0  # substituted samples fed so far
+        if validate == "header":
+            for i, reason in _prescan(self.paths).items():
+                self._flag(i, reason, warn=False)
+            if self._bad:
+                shown = ", ".join(f"{self.paths[i]} ({self.bad_files[self.paths[i]]})" for i in sorted(self._bad)[:3])
+                warnings.warn(f"DaliLoader({str(self.root)!r}): pre-scan flagged {len(self._bad)} undecodable "
+                              f"file(s), substituted by the next good sample: {shown}", RuntimeWarning, stacklevel=2)
+        if len(self._bad) == len(self.paths):
+            raise ValueError(f"DaliLoader({str(self.root)!r}): no decodable image")
+        self._pipe = None
+        self._plan: list[np.ndarray] = []
+        self._cursor = 0
+        self._clean = False  # pipeline sits at an epoch boundary and can be reset instead of rebuilt
+        self._pipe_count = 0
+
+    # ---- protocol ----
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (not reduced by ``start_batch``)."""
+        n, ws, bs = len(self.paths), self.world_size, self.batch_size
+        if self.drop_last:
+            return n // (ws * bs)
+        return -(-len(range(self.rank, n, ws)) // bs)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's permutation; ``start_batch`` skips that many batches of the next iteration."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def epoch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
+        """This rank's index batches for ``epoch`` (default: the current one), ignoring ``start_batch``."""
+        return shard_batches(len(self.paths), self.batch_size, rank=self.rank, world_size=self.world_size,
+                             seed=self.seed, epoch=self.epoch if epoch is None else epoch, drop_last=self.drop_last)
+
+    @property
+    def num_bad_files(self) -> int:
+        return len(self._bad)
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+        plan = self.epoch_indices()[self.start_batch:]
+        self.start_batch = 0
+        pipe = self._fresh_pipe()
+        self._plan, self._cursor = plan, 0
+        n_views = self.spec.num_views
+        done = 0
+        try:
+            while done < len(plan):
+                try:
+                    outs = pipe.run()
+                except StopIteration:  # cannot happen before the plan is exhausted; never loop forever
+                    raise RuntimeError(f"DALI pipeline ended after {done} of {len(plan)} batches") from None
+                except RuntimeError as err:
+                    self._recover(plan[done:self._cursor] or plan[done:done + 1], err)
+                    self._discard_pipe()
+                    pipe = self._fresh_pipe()
+                    self._plan, self._cursor = plan, done
+                    continue
+                views = [self._convert(outs[k]) for k in range(n_views)]
+                labels = _to_torch(outs[n_views], torch.device("cpu"))
+                indices = _to_torch(outs[n_views + 1], torch.device("cpu"))
+                done += 1
+                yield views, labels, indices
+            try:  # the source raises StopIteration right after the last batch: reach it, then reset
+                pipe.run()
+                raise RuntimeError("DALI pipeline produced a batch past the end of the epoch")
+            except StopIteration:
+                pipe.reset()
+                self._clean = True
+        finally:
+            if done < len(plan) or not self._clean:
+                self._discard_pipe()  # abandoned mid-epoch: batches in flight -> rebuild next time
+
+    # ---- internals ----
+    def _convert(self, tl) -> torch.Tensor:
+        x = _to_torch(tl, self.device)
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)  # NHWC storage = NCHW in channels_last format, no copy
+        if self.dtype == torch.bfloat16:
+            x = x.to(torch.bfloat16)  # keeps the channels_last strides (preserve_format)
+        return x
+
+    def _source(self, _info=None):
+        """Batch callable for ``external_source``: file names, labels, indices of the next planned batch."""
+        if self._cursor >= len(self._plan):
+            raise StopIteration
+        idx = self._plan[self._cursor]
+        self._cursor += 1
+        files, labels = [], np.empty(len(idx), np.int64)
+        for k, i in enumerate(idx):
+            j = self._substitute(int(i))
+            files.append(np.frombuffer(self.paths[j].encode(), dtype=np.uint8))
+            labels[k] = self.targets[j]
+        return files, labels, np.asarray(idx, dtype=np.int64)
+
+    def _substitute(self, i: int) -> int:
+        """``i`` itself, or the next good sample in dataset order when ``i`` is flagged."""
+        if i not in self._bad:
+            return i
+        self.num_bad_loads += 1
+        n = len(self.paths)
+        for k in range(1, n):
+            if (i + k) % n not in self._bad:
+                return (i + k) % n
+        raise RuntimeError("no decodable image left")  # unreachable: checked at construction
+
+    def _flag(self, i: int, reason: str, warn: bool = True) -> None:
+        self._bad.add(i)
+        self.bad_files[self.paths[i]] = reason
+        if warn:
+            warnings.warn(f"DaliLoader: cannot decode {self.paths[i]!r} ({reason}); substituting the next good "
+                          f"sample ({len(self._bad)} bad file(s) so far)", RuntimeWarning, stacklevel=3)
+        if len(self._bad) == len(self.paths):
+            raise RuntimeError(f"DaliLoader({str(self.root)!r}): no decodable image left")
+
+    def _fresh_pipe(self):
+        if self._pipe is not None and self._clean:
+            self._clean = False
+            return self._pipe
+        self._discard_pipe()
+        device_id = self.device.index if self.device.type == "cuda" else None
+        # distinct augmentation streams per rank and per rebuild; the shuffle never depends on this
+        seed = (self.seed * 1_000_003 + self.rank * 7_919 + self._pipe_count) % (2 ** 31)
+        self._pipe_count += 1
+        self._pipe = build_pipeline(self.spec, self.batch_size, self._source, device_id=device_id,
+                                    num_threads=self.num_threads, seed=seed, dtype=self.dtype,
+                                    channels_last=self.channels_last, decode=self.decode,
+                                    prefetch_queue_depth=self.prefetch_queue_depth)
+        self._pipe.build()
+        return self._pipe
+
+    def _discard_pipe(self):
+        self._pipe, self._clean = None, False
+
+    def _recover(self, batches: list[np.ndarray], err: BaseException) -> None:
+        """A batch failed inside DALI: find the undecodable files among the in-flight batches."""
+        cand = sorted({self._substitute_quiet(int(i)) for b in batches for i in b})
+        bad = _find_undecodable([self.paths[j] for j in cand], self.device, self.batch_size)
+        if not bad:  # decoder is fine with every file alone: give up on the whole window, loudly
+            warnings.warn(f"DaliLoader: pipeline error not attributable to one file ({err}); flagging the "
+                          f"{len(cand)} files of the failed batch window", RuntimeWarning, stacklevel=3)
+            bad = list(range(len(cand)))
+        for k in bad:
+            self._flag(cand[k], f"DALI decode error: {str(err).splitlines()[0][:200]}")
+
+    def _substitute_quiet(self, i: int) -> int:
+        count = self.num_bad_loads
+        j = self._substitute(i)
+        self.num_bad_loads = count
+        return j
+
+
+def _find_undecodable(paths: list[str], device: torch.device, max_batch: int) -> list[int]:
+    """Positions in ``paths`` that the DALI decoder rejects (batches, bisected on failure)."""
+    from nvidia.dali import fn, pipeline_def, types
+    mixed = device.type == "cuda"
+    feed: list[list[str]] = []
+
+    def source(_info=None):
+        if not feed:
+            raise StopIteration
+        return [np.frombuffer(p.encode(), np.uint8) for p in feed.pop()]
+
+    @pipeline_def(batch_size=max(1, min(max_batch, len(paths))), num_threads=1,
+                  device_id=device.index if mixed else None, prefetch_queue_depth=1, exec_dynamic=True)
+    def checker():
+        enc = fn.io.file.read(fn.external_source(source=source, batch=True, dtype=types.UINT8))
+        return fn.decoders.image(enc, device="mixed" if mixed else "cpu", output_type=types.RGB)
+
+    def decodes(group: list[int]) -> bool:
+        feed.append([paths[k] for k in group])
+        pipe = checker()
+        try:
+            pipe.build()
+            pipe.run()
+            return True
+        except StopIteration:
+            return True
+        except RuntimeError:
+            return False
+        finally:
+            del pipe
+
+    bad: list[int] = []
+    stack = [list(range(len(paths)))[s:s + max_batch] for s in range(0, len(paths), max(1, max_batch))]
+    while stack:
+        group = stack.pop()
+        feed.clear()
+        if decodes(group):
+            continue
+        if len(group) == 1:
+            bad.append(group[0])
+        else:
+            half = len(group) // 2
+            stack += [group[:half], group[half:]]
+    return sorted(bad)
