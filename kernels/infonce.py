@@ -26,7 +26,489 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import triton
+import triton.language as tl
+
 from . import use_triton
+from .utils import cdiv, ensure_contiguous, interpreting, next_power_of_2, num_sms
+
+# ======================================================================================
+# constants
+# ======================================================================================
+
+LOG2E = 1.4426950408889634  # 1/ln(2): the kernels work in base 2 (exp2 is the native instruction)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+NORM_EPS = 1e-12  # as F.normalize: x / max(‖x‖, eps)
+MAX_C = 1024  # a whole feature row lives in one tile; wider features fall back to torch
+NEG_INIT: tl.constexpr = tl.constexpr(-1.0e30)  # finite running-max init: a fully masked tile gives exp2(-inf - m) = 0, not NaN
+PARTIAL_BYTES_CAP = 32 << 20  # cap on the fp32 split partials of dq / dk
+
+
+# ======================================================================================
+# kernels
+# ======================================================================================
+
+
+@triton.jit
+def _inv_norm_kernel(X_ptr, X_row_stride, R_ptr, n_rows, n_cols,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """R[r] = 1 / max(‖X[r]‖₂, eps) in fp32."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    x = tl.load(X_ptr + rows[:, None] * X_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
+    tl.store(R_ptr + rows, r, mask=rows < n_rows)
+
+
+@triton.jit
+def _logits_tile(q, K_ptr, K_row_stride, RK_ptr, qscale, self_idx, cols, n_keys, n_cols, key_end,
+                 NORM_K: tl.constexpr, HAS_SELF: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_C: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of base-2 logits s2 = (q·kᵀ)·rq·rk·log2(e)/T, masked to -inf
+    outside [.., key_end) and on each row's self column. Returns (s2, k tile)."""
+    ccols = tl.arange(0, BLOCK_C)
+    kmask = (cols[:, None] < key_end) & (ccols[None, :] < n_cols)
+    k = tl.load(K_ptr + cols.to(tl.int64)[:, None] * K_row_stride + ccols[None, :], mask=kmask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    if FP32_PRECISION:
+        s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qscale[:, None]
+    if NORM_K:
+        rk = tl.load(RK_ptr + cols, mask=cols < key_end, other=0.0)
+        s = s * rk[None, :]
+    valid = cols[None, :] < key_end
+    if HAS_SELF:
+        valid = valid & (cols[None, :] != self_idx[:, None])
+    s = tl.where(valid, s, float("-inf"))
+    return s, k
+
+
+@triton.jit
+def _infonce_forward_kernel(
+    Q_ptr, Q_row_stride, K_ptr, K_row_stride, RK_ptr, SELF_ptr, M_ptr, L_ptr,
+    n_rows, n_keys, n_cols, keys_per_split, scale,
+    NORM_Q: tl.constexpr, NORM_K: tl.constexpr, HAS_SELF: tl.constexpr, UPCAST: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (row block, key split): running (m, l) of the base-2 logits over its key chunk.
+
+    Online softmax (Milakov & Gimelshein 2018): for each tile with row max t,
+        m' = max(m, t);  l' = l·2^(m − m') + Σ_j 2^(s_j − m');  m = m'
+    The splits are merged by the combine kernel with the same recurrence.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    # int64: row * stride overflows int32 for e.g. 2^17 rows × 2^14 features
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ccols = tl.arange(0, BLOCK_C)
+    rmask = rows < n_rows
+    q = tl.load(Q_ptr + rows[:, None] * Q_row_stride + ccols[None, :],
+                mask=rmask[:, None] & (ccols[None, :] < n_cols), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    # 1. fold 1/‖q‖ and log2(e)/T into one per-row factor applied to the fp32 dot
+    qscale = tl.zeros([BLOCK_M], dtype=tl.float32) + scale
+    if NORM_Q:
+        qf = q.to(tl.float32)
+        qscale = qscale / tl.maximum(tl.sqrt(tl.sum(qf * qf, axis=1)), 1e-12)
+    self_idx = tl.zeros([BLOCK_M], dtype=tl.int64) - 1
+    if HAS_SELF:
+        self_idx = tl.load(SELF_ptr + rows, mask=rmask, other=-1)
+    # 2. stream the key tiles of this split
+    key_start = pid_s * keys_per_split
+    key_end = tl.minimum(key_start + keys_per_split, n_keys)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + NEG_INIT
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(key_start, key_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        s, k = _logits_tile(q, K_ptr, K_row_stride, RK_ptr, qscale, self_idx, cols, n_keys, n_cols, key_end,
+                            NORM_K, HAS_SELF, UPCAST, BLOCK_C, FP32_PRECISION)
+        # -- update m_i and l_i
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    tl.store(M_ptr + pid_s * n_rows + rows, m_i, mask=rmask)
+    tl.store(L_ptr + pid_s * n_rows + rows, l_i, mask=rmask)
+
+
+@triton.jit
+def _infonce_combine_kernel(
+    Q_ptr, Q_row_stride, P_ptr, P_row_stride, POS_ptr, M_ptr, L_ptr,
+    LOSS_ptr, LSE_ptr, PPOS_ptr,
+    n_rows, n_cols, n_splits, scale,
+    NORM_Q: tl.constexpr, NORM_P: tl.constexpr, POS_IN_KEYS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Merge the split (m, l) partials, add the positive logit, write per-row loss and base-2 lse.
+
+    The positive row is P[i] (MoCo: its own key, added to the softmax here) or keys[pos[i]]
+    (in-batch / NT-Xent: already among the streamed keys). loss_i = (lse2_i − s2_i+)·ln 2.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_rows
+    ccols = tl.arange(0, BLOCK_C)
+    mask2 = rmask[:, None] & (ccols[None, :] < n_cols)
+    # 1. merge the key splits
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + NEG_INIT
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for sp in range(0, n_splits):
+        m_s = tl.load(M_ptr + sp * n_rows + rows, mask=rmask, other=NEG_INIT)
+        l_s = tl.load(L_ptr + sp * n_rows + rows, mask=rmask, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        l_i = l_i * tl.exp2(m_i - m_new) + l_s * tl.exp2(m_s - m_new)
+        m_i = m_new
+    # 2. positive logit s2+ = q̂·p̂ · log2(e)/T (fp32 row dot)
+    q = tl.load(Q_ptr + rows[:, None] * Q_row_stride + ccols[None, :], mask=mask2, other=0.0).to(tl.float32)
+    if POS_IN_KEYS:
+        prow = tl.load(POS_ptr + rows, mask=rmask, other=0)
+    else:
+        prow = rows
+    p = tl.load(P_ptr + prow[:, None] * P_row_stride + ccols[None, :], mask=mask2, other=0.0).to(tl.float32)
+    s_pos = tl.sum(q * p, axis=1) * scale
+    if NORM_Q:
+        s_pos = s_pos / tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), 1e-12)
+    if NORM_P:
+        s_pos = s_pos / tl.maximum(tl.sqrt(tl.sum(p * p, axis=1)), 1e-12)
+    if not POS_IN_KEYS:
+        m_new = tl.maximum(m_i, s_pos)
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.exp2(s_pos - m_new)
+        m_i = m_new
+    lse = m_i + tl.log2(tl.where(rmask, l_i, 1.0))  # masked tail rows have l = 0
+    tl.store(LOSS_ptr + rows, (lse - s_pos) * LN2, mask=rmask)
+    tl.store(LSE_ptr + rows, lse, mask=rmask)
+    tl.store(PPOS_ptr + rows, tl.exp2(tl.where(rmask, s_pos - lse, 0.0)), mask=rmask)  # softmax prob of the positive
+
+
+@triton.jit
+def _infonce_backward_dq_kernel(
+    Q_ptr, Q_row_stride, K_ptr, K_row_stride, RK_ptr, SELF_ptr, POS_ptr, LSE_ptr, DQ_ptr,
+    n_rows, n_keys, n_cols, keys_per_split, scale,
+    NORM_Q: tl.constexpr, NORM_K: tl.constexpr, HAS_SELF: tl.constexpr, POS_IN_KEYS: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (row block, key split): partial Σ_j (P_ij − [j = pos_i]) k̂_j over its key chunk.
+
+    With dS_ij = g_i (P_ij − [j = pos_i]), ∂loss/∂q̂_i = (1/T) Σ_j dS_ij k̂_j. The per-row g_i/T is
+    applied by the finalize kernel, so the tile fed to tl.dot is P − onehot ∈ [−1, 1] (no fp16
+    underflow from a 1/N loss scale). Written to the fp32 partial DQ[split] without atomics.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ccols = tl.arange(0, BLOCK_C)
+    rmask = rows < n_rows
+    mask2 = rmask[:, None] & (ccols[None, :] < n_cols)
+    q = tl.load(Q_ptr + rows[:, None] * Q_row_stride + ccols[None, :], mask=mask2, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qscale = tl.zeros([BLOCK_M], dtype=tl.float32) + scale
+    if NORM_Q:
+        qf = q.to(tl.float32)
+        qscale = qscale / tl.maximum(tl.sqrt(tl.sum(qf * qf, axis=1)), 1e-12)
+    self_idx = tl.zeros([BLOCK_M], dtype=tl.int64) - 1
+    if HAS_SELF:
+        self_idx = tl.load(SELF_ptr + rows, mask=rmask, other=-1)
+    pos_idx = tl.zeros([BLOCK_M], dtype=tl.int64) - 1
+    if POS_IN_KEYS:
+        pos_idx = tl.load(POS_ptr + rows, mask=rmask, other=-1)
+    lse = tl.load(LSE_ptr + rows, mask=rmask, other=0.0)
+    key_start = pid_s * keys_per_split
+    key_end = tl.minimum(key_start + keys_per_split, n_keys)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for n0 in range(key_start, key_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        s, k = _logits_tile(q, K_ptr, K_row_stride, RK_ptr, qscale, self_idx, cols, n_keys, n_cols, key_end,
+                            NORM_K, HAS_SELF, UPCAST, BLOCK_C, FP32_PRECISION)
+        # -- recompute P from the saved lse, subtract the positive's one-hot
+        ds = tl.exp2(s - lse[:, None])
+        if POS_IN_KEYS:
+            ds = ds - tl.where(cols[None, :] == pos_idx[:, None], 1.0, 0.0)
+        if NORM_K:
+            # k̂ = k·rk in registers (scaling dS instead would push fp16 values into subnormals)
+            rk = tl.load(RK_ptr + cols, mask=cols < key_end, other=0.0)
+            k = (k.to(tl.float32) * rk[:, None]).to(k.dtype)
+        if FP32_PRECISION:
+            acc += tl.dot(ds.to(k.dtype), k, input_precision="tf32x3")
+        else:
+            acc += tl.dot(ds.to(k.dtype), k)
+    offs = pid_s.to(tl.int64) * n_rows * n_cols + rows[:, None] * n_cols + ccols[None, :]
+    tl.store(DQ_ptr + offs, acc, mask=mask2)
+
+
+@triton.jit
+def _infonce_backward_dk_kernel(
+    Q_ptr, Q_row_stride, K_ptr, K_row_stride, RQ_ptr, RK_ptr, G_ptr, SELF_ptr, POS_ptr, LSE_ptr, DK_ptr,
+    n_rows, n_keys, n_cols, rows_per_split, scale, g_scale,
+    NORM_Q: tl.constexpr, NORM_K: tl.constexpr, HAS_SELF: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (key block, query split): partial Σ_i g_i·N (P_ij − [j = pos_i]) q̂_i for its keys.
+
+    ∂loss/∂k̂_j = (1/T) Σ_i dS_ij q̂_i; the factor 1/(N·T) is applied by the finalize kernel and
+    g_i·N (= 1 for a mean loss) keeps the fp16 dot operand O(1). Keys own their rows: no atomics.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ccols = tl.arange(0, BLOCK_C)
+    cmask = cols < n_keys
+    kmask = cmask[:, None] & (ccols[None, :] < n_cols)
+    k = tl.load(K_ptr + cols[:, None] * K_row_stride + ccols[None, :], mask=kmask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    rk = tl.zeros([BLOCK_N], dtype=tl.float32) + 1.0
+    if NORM_K:
+        rk = tl.load(RK_ptr + cols, mask=cmask, other=0.0)
+    row_start = pid_s * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, n_rows)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < row_end
+        q = tl.load(Q_ptr + rows.to(tl.int64)[:, None] * Q_row_stride + ccols[None, :],
+                    mask=rmask[:, None] & (ccols[None, :] < n_cols), other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        rq = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+        if NORM_Q:
+            rq = tl.load(RQ_ptr + rows, mask=rmask, other=0.0)
+        lse = tl.load(LSE_ptr + rows, mask=rmask, other=0.0)
+        g = tl.load(G_ptr + rows, mask=rmask, other=0.0) * g_scale
+        pos_idx = tl.load(POS_ptr + rows, mask=rmask, other=-1)
+        # s2ᵀ tile (BLOCK_N, BLOCK_M)
+        if FP32_PRECISION:
+            st = tl.dot(k, tl.trans(q), input_precision="tf32x3")
+        else:
+            st = tl.dot(k, tl.trans(q))
+        st = st * rk[:, None] * (rq * scale)[None, :]
+        valid = rmask[None, :] & cmask[:, None]
+        if HAS_SELF:
+            self_idx = tl.load(SELF_ptr + rows, mask=rmask, other=-1)
+            valid = valid & (cols[:, None] != self_idx[None, :])
+        p = tl.exp2(tl.where(valid, st - lse[None, :], float("-inf")))
+        ds = (p - tl.where(cols[:, None] == pos_idx[None, :], 1.0, 0.0)) * g[None, :]
+        qh = (q.to(tl.float32) * rq[:, None]).to(q.dtype)
+        if FP32_PRECISION:
+            acc += tl.dot(ds.to(q.dtype), qh, input_precision="tf32x3")
+        else:
+            acc += tl.dot(ds.to(q.dtype), qh)
+    offs = pid_s.to(tl.int64) * n_keys * n_cols + cols[:, None] * n_cols + ccols[None, :]
+    tl.store(DK_ptr + offs, acc, mask=kmask)
+
+
+@triton.jit
+def _infonce_finalize_kernel(
+    X_ptr, X_row_stride, PART_ptr, n_parts, COEF_ptr, coef_scale,
+    Y_ptr, Y_row_stride, YCOEF_ptr, G_ptr, DX_ptr,
+    n_rows, n_cols, y_scale,
+    HAS_PART: tl.constexpr, HAS_COEF: tl.constexpr, HAS_Y: tl.constexpr,
+    NORM_X: tl.constexpr, NORM_Y: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx̂ = coef_r·Σ_split PART + c_r·ŷ_r, then the L2-normalize backward, cast, store.
+
+    c_r = g_r (P_r+ − 1)/T is the MoCo positive's term (its own key ŷ = k̂ for dq, ŷ = q̂ for dk).
+    normalize backward (x̂ = x/‖x‖): dx = (dx̂ − x̂ (x̂·dx̂)) / ‖x‖, or dx̂/eps when ‖x‖ < eps.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_rows
+    ccols = tl.arange(0, BLOCK_C)
+    mask2 = rmask[:, None] & (ccols[None, :] < n_cols)
+    offs = rows[:, None] * n_cols + ccols[None, :]
+    dxh = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    if HAS_PART:
+        for sp in range(0, n_parts):
+            dxh += tl.load(PART_ptr + sp * n_rows * n_cols + offs, mask=mask2, other=0.0)
+        coef = tl.zeros([BLOCK_M], dtype=tl.float32) + coef_scale
+        if HAS_COEF:
+            coef = coef * tl.load(COEF_ptr + rows, mask=rmask, other=0.0)
+        dxh = dxh * coef[:, None]
+    if HAS_Y:
+        y = tl.load(Y_ptr + rows[:, None] * Y_row_stride + ccols[None, :], mask=mask2, other=0.0).to(tl.float32)
+        if NORM_Y:
+            y = y / tl.maximum(tl.sqrt(tl.sum(y * y, axis=1)), 1e-12)[:, None]
+        g = tl.load(G_ptr + rows, mask=rmask, other=0.0)
+        c = g * (tl.load(YCOEF_ptr + rows, mask=rmask, other=0.0) - 1.0) * y_scale
+        dxh += c[:, None] * y
+    if NORM_X:
+        x = tl.load(X_ptr + rows[:, None] * X_row_stride + ccols[None, :], mask=mask2, other=0.0).to(tl.float32)
+        nrm = tl.sqrt(tl.sum(x * x, axis=1))
+        r = 1.0 / tl.maximum(nrm, 1e-12)
+        xh = x * r[:, None]
+        proj = tl.where(nrm > 1e-12, tl.sum(xh * dxh, axis=1), 0.0)
+        dxh = (dxh - xh * proj[:, None]) * r[:, None]
+    tl.store(DX_ptr + rows[:, None] * X_row_stride + ccols[None, :], dxh.to(DX_ptr.dtype.element_ty), mask=mask2)
+
+
+# ======================================================================================
+# host functions
+# ======================================================================================
+
+
+def _triton_supported(q, keys):
+    return q.shape[1] <= MAX_C and q.dtype == keys.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _settings(C, dtype, device):
+    block_c = max(16, next_power_of_2(C))
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_C=block_c, num_warps=1, num_stages=1)
+    if block_c >= 512:
+        bm, bn, nw = 32, 32, 8
+    elif block_c >= 256:
+        bm, bn, nw = 64, 64, 8
+    else:
+        bm, bn, nw = 128, 64, 4 if dtype == torch.float32 else 8
+    if dtype == torch.float32:
+        bm = min(bm, 64)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=block_c, num_warps=nw, num_stages=2)
+
+
+def _split(n_blocks, work_len, block, bytes_per_split, device):
+    """Pick how many chunks to split the streamed dimension into so that there are ~2 programs per
+    SM, each chunk a multiple of ``block`` with at least 2 tiles, and the partials stay under cap."""
+    target = 2 * num_sms(device)
+    n_tiles = cdiv(work_len, block)
+    s = max(1, min(cdiv(target, n_blocks), n_tiles // 2 if n_tiles >= 4 else 1,
+                   max(1, PARTIAL_BYTES_CAP // max(bytes_per_split, 1))))
+    if interpreting():
+        s = max(1, min(cdiv(target, n_blocks), n_tiles))  # exercise the multi-split path on CPU
+    per = cdiv(n_tiles, s) * block
+    return cdiv(work_len, per), per
+
+
+def _inv_norms(x):
+    n, c = x.shape
+    r = torch.empty(n, dtype=torch.float32, device=x.device)
+    block_c = max(16, next_power_of_2(c))
+    block_r = max(1, min(64, 4096 // block_c))
+    _inv_norm_kernel[(cdiv(n, block_r),)](x, x.stride(0), r, n, c, BLOCK_R=block_r, BLOCK_C=block_c)
+    return r
+
+
+def infonce_forward(q, keys, pos_keys, pos_index, self_index, temperature, norm_q, norm_k, norm_p):
+    N, C = q.shape
+    M = keys.shape[0]
+    cfg = _settings(C, q.dtype, q.device)
+    BM, BN, BC = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_C"]
+    upcast = q.dtype == torch.bfloat16 and interpreting()  # interpreter bf16 tl.dot is wrong
+    fp32 = q.dtype == torch.float32 and not interpreting()
+    scale = LOG2E / temperature
+    rk = _inv_norms(keys) if norm_k else q
+    n_rb = cdiv(N, BM)
+    n_split, per = _split(n_rb, M, BN, N * C * 4, q.device)
+    m_part = torch.empty(n_split, N, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    has_self = self_index is not None
+    _infonce_forward_kernel[(n_rb, n_split)](
+        q, q.stride(0), keys, keys.stride(0), rk, self_index if has_self else q, m_part, l_part,
+        N, M, C, per, scale,
+        NORM_Q=norm_q, NORM_K=norm_k, HAS_SELF=has_self, UPCAST=upcast, FP32_PRECISION=fp32,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    loss = torch.empty(N, dtype=torch.float32, device=q.device)
+    lse = torch.empty_like(loss)
+    ppos = torch.empty_like(loss)
+    pos_in_keys = pos_keys is None
+    P = keys if pos_in_keys else pos_keys
+    _infonce_combine_kernel[(cdiv(N, min(BM, 64)),)](
+        q, q.stride(0), P, P.stride(0), pos_index if pos_in_keys else q, m_part, l_part, loss, lse, ppos,
+        N, C, n_split, scale,
+        NORM_Q=norm_q, NORM_P=(norm_k if pos_in_keys else norm_p), POS_IN_KEYS=pos_in_keys,
+        BLOCK_M=min(BM, 64), BLOCK_C=BC, num_warps=4)
+    return loss, lse, ppos, rk
+
+
+def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, ppos, rk, temperature,
+                     norm_q, norm_k, norm_p, need_dq, need_dk, need_dp):
+    N, C = q.shape
+    M = keys.shape[0]
+    cfg = _settings(C, q.dtype, q.device)
+    BM, BN, BC = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_C"]
+    upcast = q.dtype == torch.bfloat16 and interpreting()
+    fp32 = q.dtype == torch.float32 and not interpreting()
+    scale = LOG2E / temperature
+    g = grad_loss.float().contiguous()
+    has_self = self_index is not None
+    pos_in_keys = pos_keys is None
+    fin_bm = min(BM, 32)
+    dq = dk = dp = None
+    if need_dq or need_dp:
+        if need_dq:
+            n_rb = cdiv(N, BM)
+            n_split, per = _split(n_rb, M, BN, N * C * 4, q.device)
+            part = torch.empty(n_split, N, C, dtype=torch.float32, device=q.device)
+            _infonce_backward_dq_kernel[(n_rb, n_split)](
+                q, q.stride(0), keys, keys.stride(0), rk, self_index if has_self else q,
+                pos_index if pos_in_keys else q, lse, part, N, M, C, per, scale,
+                NORM_Q=norm_q, NORM_K=norm_k, HAS_SELF=has_self, POS_IN_KEYS=pos_in_keys, UPCAST=upcast,
+                FP32_PRECISION=fp32, BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            dq = torch.empty_like(q)
+            _infonce_finalize_kernel[(cdiv(N, fin_bm),)](
+                q, q.stride(0), part, n_split, g, 1.0 / temperature,
+                pos_keys if not pos_in_keys else q, pos_keys.stride(0) if not pos_in_keys else 0, ppos, g, dq,
+                N, C, 1.0 / temperature,
+                HAS_PART=True, HAS_COEF=True, HAS_Y=not pos_in_keys, NORM_X=norm_q, NORM_Y=norm_p,
+                BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=4)
+            del part
+        if need_dp:  # MoCo positive key: dp̂_i = c_i q̂_i
+            dp = torch.empty_like(pos_keys)
+            _infonce_finalize_kernel[(cdiv(N, fin_bm),)](
+                pos_keys, pos_keys.stride(0), q, 0, g, 1.0, q, q.stride(0), ppos, g, dp,
+                N, C, 1.0 / temperature,
+                HAS_PART=False, HAS_COEF=False, HAS_Y=True, NORM_X=norm_p, NORM_Y=norm_q,
+                BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=4)
+    if need_dk:
+        rq = _inv_norms(q) if norm_q else q
+        n_kb = cdiv(M, BN)
+        n_split, per = _split(n_kb, N, BM, M * C * 4, q.device)
+        part = torch.empty(n_split, M, C, dtype=torch.float32, device=q.device)
+        _infonce_backward_dk_kernel[(n_kb, n_split)](
+            q, q.stride(0), keys, keys.stride(0), rq, rk, g, self_index if has_self else q, pos_index, lse, part,
+            N, M, C, per, scale, float(N),
+            NORM_Q=norm_q, NORM_K=norm_k, HAS_SELF=has_self, UPCAST=upcast, FP32_PRECISION=fp32,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        dk = torch.empty_like(keys)
+        _infonce_finalize_kernel[(cdiv(M, fin_bm),)](
+            keys, keys.stride(0), part, n_split, g, 1.0 / (N * temperature), keys, 0, ppos, g, dk,
+            M, C, 0.0,
+            HAS_PART=True, HAS_COEF=False, HAS_Y=False, NORM_X=norm_k, NORM_Y=False,
+            BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=4)
+    return dq, dk, dp
+
+
+# ======================================================================================
+# autograd
+# ======================================================================================
+
+
+class ContrastiveLSEFunction(torch.autograd.Function):
+    @staticmethod
+    @ensure_contiguous
+    def forward(ctx, q, keys, pos_keys, pos_index, self_index, temperature, norm_q, norm_k, norm_p):
+        loss, lse, ppos, rk = infonce_forward(q, keys, pos_keys, pos_index, self_index, temperature,
+                                              norm_q, norm_k, norm_p)
+        ctx.save_for_backward(q, keys, pos_keys, pos_index, self_index, lse, ppos, rk)
+        ctx.cfg = (temperature, norm_q, norm_k, norm_p)
+        return loss
+
+    @staticmethod
+    @ensure_contiguous
+    def backward(ctx, grad_loss):
+        q, keys, pos_keys, pos_index, self_index, lse, ppos, rk = ctx.saved_tensors
+        temperature, norm_q, norm_k, norm_p = ctx.cfg
+        need_dq, need_dk, need_dp = ctx.needs_input_grad[:3]
+        dq, dk, dp = infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, ppos, rk,
+                                      temperature, norm_q, norm_k, norm_p, need_dq, need_dk, need_dp)
+        return dq, dk, dp, None, None, None, None, None, None
+
 
 # ======================================================================================
 # torch reference (also the CPU path)
@@ -57,12 +539,6 @@ def contrastive_lse_reference(q, keys, temperature, pos_index=None, pos_keys=Non
         target = pos_index
     return F.cross_entropy(logits, target, reduction="none")
 
-
-def _triton_supported(q, keys):
-    return False  # Triton path lands in the next commit
-
-
-ContrastiveLSEFunction = None
 
 # ======================================================================================
 # core dispatch
