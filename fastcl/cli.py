@@ -93,10 +93,10 @@ def dataset_stats(args) -> tuple[tuple, tuple]:
 
 
 def _use_dali(args, dist: DistInfo) -> bool:
-    from .data.dali import dali_available
-
     if args.data_backend == "torch":
         return False
+    from .data.dali import dali_available
+
     if args.data_backend == "dali":
         if not dali_available():
             raise RuntimeError("--data-backend dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")

@@ -20,8 +20,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..engine.optim import param_groups
-
 
 @dataclass
 class Step:
@@ -52,6 +50,8 @@ class Method(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups; default: everything trainable, no decay / no LARS on biases and norms.
         A group may set ``fixed_lr=True`` to keep its base lr (SimSiam's predictor)."""
+        from ..engine.optim import param_groups  # (the engine imports this module: no top-level import)
+
         return param_groups(self, weight_decay)
 
     def before_optimizer_step(self, step: Step) -> None:
