@@ -42,6 +42,7 @@ def test_ema_updater_modules(backend, copy_buffers):
                 for t, o in zip(target.parameters(), online.parameters())]
     upd = EMAUpdater(online, target, copy_buffers=copy_buffers)
     upd.update(0.99)
+    assert (upd._tables is not None) == (backend == "triton")  # the Triton path really ran
     for t, e in zip(target.parameters(), expected):
         torch.testing.assert_close(t.detach().double(), e, atol=1e-6, rtol=0)
     for p, b in zip(online.parameters(), online_before):
@@ -61,3 +62,13 @@ def test_ema_updater_mixed_dtypes(backend):
     EMAUpdater(online, target).update(0.8)
     for t, e in zip(target.parameters(), expected):
         torch.testing.assert_close(t.detach().double(), e, atol=2e-3 if t.dtype == torch.half else 1e-6, rtol=0)
+
+
+def test_ema_updater_rebuilds_after_pointer_change(backend):
+    online, target = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+    upd = EMAUpdater(online, target)
+    upd.update(0.5)
+    online.weight.data = torch.randn(5, 6)  # new storage: the pointer tables must follow it
+    expected = 0.5 * target.weight.detach().double() + 0.5 * online.weight.detach().double()
+    upd.update(0.5)
+    torch.testing.assert_close(target.weight.detach().double(), expected, atol=1e-6, rtol=0)
