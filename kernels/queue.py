@@ -11,8 +11,54 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from . import use_triton
+from .utils import cdiv, interpreting, next_power_of_2
+
+# ======================================================================================
+# kernels
+# ======================================================================================
+
+
+@triton.jit
+def _enqueue_forward_kernel(X_ptr, X_row_stride, Q_ptr, Q_row_stride, PTR_ptr, n_rows, n_cols, size,
+                            NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows r of the batch go to slot (ptr + r) mod size, cast and (optionally) L2-normalized in
+    fp32 on the way: x / max(‖x‖, 1e-12), as F.normalize. The pointer is read on the device."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    x = tl.load(X_ptr + rows[:, None] * X_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        x = x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)[:, None]
+    ptr = tl.load(PTR_ptr)
+    slot = (ptr + rows) % size  # int64: size·dim may pass 2^31 for big queues
+    tl.store(Q_ptr + slot[:, None] * Q_row_stride + cols[None, :], x.to(Q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _advance_ptr_kernel(PTR_ptr, n_rows, size):
+    """ptr ← (ptr + B) mod size; a separate launch because every enqueue program reads ptr."""
+    tl.store(PTR_ptr, (tl.load(PTR_ptr) + n_rows) % size)
+
+
+# ======================================================================================
+# host
+# ======================================================================================
+
+
+def enqueue_triton(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, normalize: bool = True) -> None:
+    b, c = keys.shape
+    if queue.stride(1) != 1 or keys.stride(1) != 1:
+        raise ValueError("queue and keys need a unit inner stride")
+    block_c = max(16, next_power_of_2(c))
+    block_r = max(1, min(16 if interpreting() else 32, 8192 // block_c))
+    _enqueue_forward_kernel[(cdiv(b, block_r),)](
+        keys, keys.stride(0), queue, queue.stride(0), ptr, b, c, queue.shape[0],
+        NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=1 if interpreting() else 4)
+    _advance_ptr_kernel[(1,)](ptr, b, queue.shape[0])
 
 # ======================================================================================
 # torch reference (also the CPU path); no host sync
@@ -37,13 +83,10 @@ def enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, normali
         raise ValueError(f"a batch of {keys.shape[0]} keys does not fit a queue of {queue.shape[0]}")
     if keys.shape[0] == 0:
         return
-    if use_triton(queue, keys) and _triton_enqueue is not None:
-        _triton_enqueue(queue, ptr, keys, normalize)
+    if use_triton(queue, keys) and ptr.dtype == torch.int64 and ptr.device == queue.device:
+        enqueue_triton(queue, ptr, keys if keys.stride(1) == 1 else keys.contiguous(), normalize)
     else:
         enqueue_reference(queue, ptr, keys, normalize)
-
-
-_triton_enqueue = None
 
 
 class KeyQueue(torch.nn.Module):
@@ -75,4 +118,4 @@ class KeyQueue(torch.nn.Module):
         return f"dim={self.dim}, size={self.size}, normalize={self.normalize}"
 
 
-__all__ = ["KeyQueue", "enqueue_", "enqueue_reference"]
+__all__ = ["KeyQueue", "enqueue_", "enqueue_reference", "enqueue_triton"]

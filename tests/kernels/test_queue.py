@@ -43,6 +43,26 @@ def test_full_size_batch_and_no_normalize(backend):
     assert q.ptr.item() == 3
 
 
+def test_backends_agree():
+    import fastcl.kernels as K
+
+    a, b = KeyQueue(24, 40), KeyQueue(24, 40)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(29, 24) * 4
+    old = K.get_backend()
+    try:
+        K.set_backend("torch")
+        a.enqueue(x)
+        a.enqueue(x[:17])
+        K.set_backend("triton")
+        b.enqueue(x)
+        b.enqueue(x[:17])
+    finally:
+        K.set_backend(old)
+    torch.testing.assert_close(a.queue, b.queue, atol=1e-6, rtol=0)
+    assert a.ptr.item() == b.ptr.item() == 6
+
+
 def test_too_large_batch_raises():
     with pytest.raises(ValueError):
         KeyQueue(4, 3).enqueue(torch.randn(4, 4))
