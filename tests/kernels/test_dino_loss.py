@@ -38,7 +38,7 @@ DTYPES = [
 
 
 @pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
-@pytest.mark.parametrize("B,Kd,ncrops", [(4, 64, 4), (3, 37, 3)])  # second: weird shapes
+@pytest.mark.parametrize("B,Kd,ncrops", [(4, 64, 4), (3, 37, 3), (2, 300, 12)])  # weird shapes; 2+10 crops, K splits
 def test_dino_loss(backend, dtype, rtol, atol, B, Kd, ncrops):
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(ncrops * B, Kd, generator=g) * 3).to(DEV, dtype)
@@ -75,7 +75,8 @@ def test_backends_agree():
         K.set_backend("torch")
         a = dino_loss(s, t, c, 0.1, 0.04)
         K.set_backend("triton")
-        b = dino_loss(s, t, c, 0.1, 0.04)
+        b = dino_loss(s.requires_grad_(), t, c, 0.1, 0.04)
+        assert type(b[0].grad_fn).__name__ == "DINOLossFunctionBackward"  # really ran Triton
     finally:
         K.set_backend(old)
     torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
