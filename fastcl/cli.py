@@ -62,6 +62,8 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--knn-samples", type=int, default=0,
                    help="use this many train (and a fifth as many val) images for kNN (0 = all)")
     g.add_argument("--no-knn", action="store_true", help="skip kNN evaluation")
+    g.add_argument("--train-samples", type=int, default=0,
+                   help="train on a fixed random subset of this many images (quick tries, tests; 0 = all)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="fused Triton kernels (auto: on CUDA) or the plain-torch references")
@@ -112,6 +114,8 @@ def build_train_loader(args, spec: AugmentSpec, dist: DistInfo):
     if _use_dali(args, dist):
         from .data.dali import DaliLoader
 
+        if args.train_samples:
+            raise ValueError("--train-samples works with --data-backend torch only")
         root = _train_root(args)
         return DaliLoader(root, spec, per_rank, rank=dist.rank, world_size=dist.world_size, seed=args.seed,
                           num_threads=args.workers, device=dist.device,
@@ -119,7 +123,7 @@ def build_train_loader(args, spec: AugmentSpec, dist: DistInfo):
     from .data.loader import TorchLoader
     from .data.transforms import MultiViewTransform
 
-    dataset = _dataset(args, "train", MultiViewTransform(spec))
+    dataset = _subset(_dataset(args, "train", MultiViewTransform(spec)), args.train_samples)
     return TorchLoader(dataset, per_rank, rank=dist.rank, world_size=dist.world_size, seed=args.seed,
                        num_workers=args.workers, pin_memory=dist.device.type == "cuda",
                        persistent_workers=args.workers > 0)
@@ -136,12 +140,17 @@ def build_knn_loaders(args, dist: DistInfo, size: int):
     tf = eval_transform(size, mean, std, resize=None if args.data == "cifar10" else int(size * 256 / 224))
     loaders = []
     for split, n in (("train", args.knn_samples), ("val", args.knn_samples // 5)):
-        ds = _dataset(args, split, tf)
-        if n:
-            ds = torch.utils.data.Subset(ds, np.random.default_rng(0).permutation(len(ds))[:n].tolist())
+        ds = _subset(_dataset(args, split, tf), n)
         loaders.append(TorchLoader(ds, 256, rank=dist.rank, world_size=dist.world_size, shuffle=False,
                                    drop_last=False, num_workers=args.workers))
     return tuple(loaders)
+
+
+def _subset(ds, n: int):
+    """A fixed random subset of ``n`` samples (0 = all), the same on every rank and run."""
+    if not n or n >= len(ds):
+        return ds
+    return torch.utils.data.Subset(ds, np.random.default_rng(0).permutation(len(ds))[:n].tolist())
 
 
 def _train_root(args) -> Path:

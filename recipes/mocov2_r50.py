@@ -38,6 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--bn-splits", type=int, default=None,
                    help="split-BN sub-batches on a single device (shuffle-BN stand-in; default: 8 / 1 on ImageNet)")
     g.add_argument("--symmetric", action="store_true", help="symmetric loss (MoCo CIFAR demo option)")
+    g.add_argument("--crop-size", type=int, default=None, help="view size (default: 224 / 32 on CIFAR-10)")
     return p
 
 
@@ -50,7 +51,7 @@ def build_method(args) -> MoCo:
 def main(argv=None):
     args = cli.parse_args(get_args_parser(), PRESETS, argv)
     mean, std = cli.dataset_stats(args)
-    size = 32 if args.data == "cifar10" else 224
+    size = args.crop_size or (32 if args.data == "cifar10" else 224)
     spec = augment.mocov2_aug_plus(size, mean, std, blur_p=0.0 if args.data == "cifar10" else 0.5)
     return cli.run(args, "mocov2_r50", build_method, spec)
 

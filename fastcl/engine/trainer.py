@@ -128,7 +128,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "position": {"epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step},
                 "rng": rngs, "world_size": self.dist.world_size,
-                "config": dataclasses.asdict(self.cfg)}
+                "config": dataclasses.asdict(self.cfg), "args": self.cfg.extra}  # args: the recipe's (arch, ...)
 
     def save(self, name: str = LATEST) -> None:
         state = self._state()  # collective: every rank takes part
