@@ -9,8 +9,8 @@ Per ``ViewSpec`` (one DALI branch per output view, in ``spec.expanded()`` order)
     random resized crop     fused ROI decode ``decoders.image_random_crop`` + ``resize`` (``decode="fused"``)
                             or one full decode shared by all views + ``random_resized_crop`` (``"once"``)
     colour jitter (p)       ``brightness_contrast`` (contrast around the image's mean grey level, as
-                            torchvision) then ``hsv`` (saturation, hue); factors ~ U[max(0, 1-s), 1+s],
-                            hue ~ U[-h, h] turns
+                            torchvision), ``hsv`` (saturation), HSV hue shift (``_hue_shift``);
+                            factors ~ U[max(0, 1-s), 1+s], hue ~ U[-h, h] turns
     grayscale (p)           ``hsv(saturation=0)`` (Y = .299 R + .587 G + .114 B, 3 channels kept)
     gaussian blur (p)       ``gaussian_blur(window_size=view.blur_kernel_size, sigma ~ U[blur_sigma])``
     solarize (p)            ``lookup_table``: x >= 255 * threshold -> 255 - x
@@ -19,9 +19,9 @@ Per ``ViewSpec`` (one DALI branch per output view, in ``spec.expanded()`` order)
 Probabilistic ops are DALI conditionals (``enable_conditionals=True``): a sample that draws "no"
 skips the op instead of running it with neutral parameters. Known, documented differences from the
 torchvision twin (``fastcl.data.transforms``), all within the statistical tests' tolerances:
-the four jitter ops run in a fixed order instead of a random one (they commute exactly up to
-intermediate clipping, see ``_jitter``); the hue shift is a rotation in YIQ space (DALI ``hsv``)
-instead of an HSV hue shift; resampling is DALI's antialiased linear filter.
+the four jitter ops run in a fixed order instead of a random one (brightness, contrast and
+saturation commute exactly up to intermediate clipping, see ``_jitter``; the HSV hue shift nearly
+does); resampling is DALI's antialiased linear filter.
 
 Reading and sharding: the loader reads the ImageFolder index space of
 ``fastcl.data.imagefolder.ImageFolderDataset`` (sorted classes, sorted files, ``index`` = position)
@@ -38,9 +38,9 @@ Bad input: DALI cannot skip a sample inside a running batch (NVIDIA/DALI#3913), 
    files that are empty, of an unknown format (not JPEG/PNG/BMP/TIFF/WebP/PNM), JPEGs without an
    end-of-image marker (truncated) and PNGs without ``IEND``; a PNG or grayscale/CMYK JPEG under a
    ``.jpg`` name decodes fine and is kept;
-2. if the pipeline still raises on a batch, the files of the in-flight batches are decoded one by
-   one (bisection) with the same decoder, the culprits are flagged, the pipeline is rebuilt and the
-   epoch continues at the failed batch.
+2. if the pipeline still raises on a batch, the files of the in-flight batches are decoded
+   (bisection) with the same decoder, the culprits are flagged, the pipeline is rebuilt and the
+   epoch continues at the failed batch; an error no single file reproduces is re-raised.
 A flagged file is never decoded; its slot gets the next good sample in dataset order, with that
 sample's label and the *requested* index (the ``ImageFolderDataset`` rule), so batch counts and the
 exactly-once accounting are unchanged. ``num_bad_files`` / ``bad_files`` count them, each with a
@@ -145,10 +145,10 @@ def _jitter(img, v: ViewSpec):
     """ColorJitter(b, c, s, h) on uint8 HWC.
 
     torchvision applies the four ops in a random order; here the order is fixed. With
-    m = mean grey level and the YIQ model of saturation/hue, brightness (x -> b x), contrast
-    (x -> m + c (x - m)), saturation (I, Q -> s I, s Q) and hue (rotation of (I, Q)) are linear maps
-    that preserve or scale m consistently, so they commute; only intermediate clipping to [0, 255]
-    differs between orders.
+    m = mean grey level, brightness (x -> b x), contrast (x -> m + c (x - m)) and saturation
+    (x -> Y + s (x - Y), Y = grey level of x) are linear maps that preserve or scale m consistently,
+    so they commute; only intermediate clipping to [0, 255] differs between orders. The HSV hue
+    shift keeps V and S, hence commutes with brightness and nearly with the rest.
     """
     from nvidia.dali import fn, types
     if v.brightness > 0 or v.contrast > 0:
@@ -162,14 +162,39 @@ def _jitter(img, v: ViewSpec):
             kw["contrast"] = _factor(v.contrast)
             kw["contrast_center"] = fn.reductions.sum(rgb_mean * luma)
         img = fn.brightness_contrast(img, **kw)
-    if v.saturation > 0 or v.hue > 0:
-        kw = {}
-        if v.saturation > 0:
-            kw["saturation"] = _factor(v.saturation)
-        if v.hue > 0:
-            kw["hue"] = fn.random.uniform(range=[-360.0 * v.hue, 360.0 * v.hue])  # turns -> degrees
-        img = fn.hsv(img, **kw)
+    if v.saturation > 0:
+        img = fn.hsv(img, saturation=_factor(v.saturation))  # scales YIQ chroma = blend with grey
+    if v.hue > 0:
+        img = _hue_shift(img, fn.random.uniform(range=[-v.hue, v.hue]))
     return img
+
+
+def _hue_shift(img, turns):
+    """HSV hue shift by ``turns`` on uint8 HWC, as torchvision's ``adjust_hue`` (one fused DALI
+    arithmetic expression per output channel; DALI's own ``hsv(hue=)`` rotates in YIQ instead,
+    which moves the HSV hue of saturated colours up to 40% further).
+
+    RGB -> (V, C, H): V = max, C = V - min, H in sixths from the max channel; back with
+    channel(n) = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + H) mod 6, n = 5, 3, 1 for R, G, B.
+    """
+    from nvidia.dali import fn, types
+    import nvidia.dali.math as dmath
+    x = img * 1.0  # float32
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    v = dmath.max(r, dmath.max(g, b))
+    c = v - dmath.min(r, dmath.min(g, b))
+    inv_c = 1.0 / (c + (c == 0))  # grey pixels: any hue, C = 0 keeps them grey
+    is_r = r == v
+    is_g = (g == v) * (1 - is_r)
+    h = (is_r * ((g - b) * inv_c) + is_g * ((b - r) * inv_c + 2.0)
+         + (1 - is_r - is_g) * ((r - g) * inv_c + 4.0)) + 6.0 * turns
+    chans = []
+    for n in (5.0, 3.0, 1.0):
+        k = n + h
+        k = k - 6.0 * dmath.floor(k / 6.0)
+        chans.append(v - c * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
+    out = fn.cast(dmath.clamp(fn.stack(*chans, axis=2), 0.0, 255.0), dtype=types.UINT8)
+    return fn.reshape(out, layout="HWC")
 
 
 def _maybe(p: float, op, img, *args):
@@ -420,7 +445,7 @@ class DaliLoader:
             j = self._substitute(int(i))
             files.append(np.frombuffer(self.paths[j].encode(), dtype=np.uint8))
             labels[k] = self.targets[j]
-        return files, labels, np.asarray(idx, dtype=np.int64)
+        return files, labels, np.ascontiguousarray(idx, dtype=np.int64)  # DALI rejects strided arrays
 
     def _substitute(self, i: int) -> int:
         """``i`` itself, or the next good sample in dataset order when ``i`` is flagged."""
@@ -465,10 +490,8 @@ class DaliLoader:
         """A batch failed inside DALI: find the undecodable files among the in-flight batches."""
         cand = sorted({self._substitute_quiet(int(i)) for b in batches for i in b})
         bad = _find_undecodable([self.paths[j] for j in cand], self.device, self.batch_size)
-        if not bad:  # decoder is fine with every file alone: give up on the whole window, loudly
-            warnings.warn(f"DaliLoader: pipeline error not attributable to one file ({err}); flagging the "
-                          f"{len(cand)} files of the failed batch window", RuntimeWarning, stacklevel=3)
-            bad = list(range(len(cand)))
+        if not bad:  # every file decodes alone: not a data problem, do not mask it
+            raise err
         for k in bad:
             self._flag(cand[k], f"DALI decode error: {str(err).splitlines()[0][:200]}")
 
