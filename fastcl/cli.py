@@ -83,7 +83,7 @@ def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv=N
     for k, v in presets[preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    missing = [k for k, v in vars(args).items() if v is None and k not in ("wd_end",)]
+    missing = [k for k, v in vars(args).items() if v is None and k not in ("wd_end", "out")]
     if missing:
         parser.error(f"no value for {missing} (not given and not in preset {preset!r})")
     return args
