@@ -200,7 +200,9 @@ def _k_split(n_batch, n_k, block_k, device):
 def _blocks(pad):
     if interpreting():
         return 64, 16
-    return max(128, 8192 // pad), 16  # (BLOCK_K for the student tiles, BLOCK_R for the teacher pass)
+    # (PAD, BLOCK_K) fp32 tiles of 4096 elements: 16 registers per thread each at 8 warps, and
+    # ~5 of them live (s, x, t, p_t, W) without spilling
+    return max(128, 4096 // pad), 16  # (BLOCK_K for the student tiles, BLOCK_R for the teacher pass)
 
 
 def dino_forward(student_out, teacher_out, center, student_temp, teacher_temp, n_global):

@@ -70,8 +70,7 @@ def _logits_tile(q, K_ptr, K_row_stride, RK_ptr, qscale, self_idx, cols, n_keys,
     ccols = tl.arange(0, BLOCK_C)
     kmask = (cols[:, None] < key_end) & (ccols[None, :] < n_cols)
     k = tl.load(K_ptr + cols.to(tl.int64)[:, None] * K_row_stride + ccols[None, :], mask=kmask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
+    k = k.to(q.dtype)  # mixed precision (e.g. bf16 queries under autocast, fp32 queue): cast in registers
     if FP32_PRECISION:
         s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
     else:
@@ -261,6 +260,7 @@ def _infonce_backward_dk_kernel(
     cmask = cols < n_keys
     kmask = cmask[:, None] & (ccols[None, :] < n_cols)
     k = tl.load(K_ptr + cols[:, None] * K_row_stride + ccols[None, :], mask=kmask, other=0.0)
+    k = k.to(Q_ptr.dtype.element_ty)
     if UPCAST:
         k = k.to(tl.float32)
     rk = tl.zeros([BLOCK_N], dtype=tl.float32) + 1.0
@@ -352,8 +352,11 @@ def _infonce_finalize_kernel(
 # ======================================================================================
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _triton_supported(q, keys):
-    return q.shape[1] <= MAX_C and q.dtype == keys.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return q.shape[1] <= MAX_C and q.dtype in _DTYPES and keys.dtype in _DTYPES
 
 
 def _settings(C, dtype, device):
@@ -398,7 +401,8 @@ def infonce_forward(q, keys, pos_keys, pos_index, self_index, temperature, norm_
     M = keys.shape[0]
     cfg = _settings(C, q.dtype, q.device)
     BM, BN, BC = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_C"]
-    upcast = q.dtype == torch.bfloat16 and interpreting()  # interpreter bf16 tl.dot is wrong
+    # the interpreter's bf16 tl.dot is wrong: run the dots in fp32 there
+    upcast = torch.bfloat16 in (q.dtype, keys.dtype) and interpreting()
     fp32 = q.dtype == torch.float32 and not interpreting()
     scale = LOG2E / temperature
     rk = _inv_norms(keys) if norm_k else q
@@ -431,7 +435,7 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
     M = keys.shape[0]
     cfg = _settings(C, q.dtype, q.device)
     BM, BN, BC = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_C"]
-    upcast = q.dtype == torch.bfloat16 and interpreting()
+    upcast = torch.bfloat16 in (q.dtype, keys.dtype) and interpreting()
     fp32 = q.dtype == torch.float32 and not interpreting()
     scale = LOG2E / temperature
     g = grad_loss.float().contiguous()

@@ -83,6 +83,20 @@ def test_moco_infonce(backend, dtype, rtol, atol, N, C, Kq):
     assert_verbose_allclose(k1.grad, k2.grad, rtol, atol, "dk")
 
 
+def test_moco_mixed_dtypes(backend):
+    """fp16 q/k (autocast) against an fp32 queue buffer: the kernel casts queue tiles in registers."""
+    q1, q2 = _leaves((10, 32), torch.float16, 11)
+    k1, k2 = _leaves((10, 32), torch.float16, 12)
+    queue = F.normalize(torch.randn(50, 32), dim=1).to(DEV)
+    out = moco_infonce(q1, k1, queue, 0.2)
+    ref = ref_moco(q2, k2, queue.half(), 0.2)  # the fp16 tiles see the queue rounded to fp16
+    assert_verbose_allclose(out, ref, 2e-2, 2e-3, "loss")
+    out.backward()
+    ref.backward()
+    assert_verbose_allclose(q1.grad, q2.grad, 2e-2, 2e-3, "dq")
+    assert_verbose_allclose(k1.grad, k2.grad, 2e-2, 2e-3, "dk")
+
+
 def test_moco_no_normalize_and_no_key_grad(backend):
     q1, q2 = _leaves((9, 16), torch.float32, 4)
     k = torch.randn(9, 16)
