@@ -304,24 +304,39 @@ def _infonce_backward_dk_kernel(
 
 
 @triton.jit
+def _l2norm_backward(x, dxh, NORM: tl.constexpr):
+    """Backward of x̂ = x / max(‖x‖, eps): dx = (dx̂ − x̂ (x̂·dx̂)) / ‖x‖, or dx̂/eps when ‖x‖ < eps."""
+    if NORM:
+        nrm = tl.sqrt(tl.sum(x * x, axis=1))
+        r = 1.0 / tl.maximum(nrm, 1e-12)
+        xh = x * r[:, None]
+        proj = tl.where(nrm > 1e-12, tl.sum(xh * dxh, axis=1), 0.0)
+        dxh = (dxh - xh * proj[:, None]) * r[:, None]
+    return dxh
+
+
+@triton.jit
 def _infonce_finalize_kernel(
-    X_ptr, X_row_stride, PART_ptr, n_parts, COEF_ptr, coef_scale,
-    Y_ptr, Y_row_stride, YCOEF_ptr, G_ptr, DX_ptr,
+    X_ptr, PART_ptr, n_parts, COEF_ptr, coef_scale, Y_ptr, PPOS_ptr, G_ptr, DX_ptr, DY_ptr,
     n_rows, n_cols, y_scale,
     HAS_PART: tl.constexpr, HAS_COEF: tl.constexpr, HAS_Y: tl.constexpr,
-    NORM_X: tl.constexpr, NORM_Y: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DY: tl.constexpr, NORM_X: tl.constexpr, NORM_Y: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dx̂ = coef_r·Σ_split PART + c_r·ŷ_r, then the L2-normalize backward, cast, store.
+    """Finish the gradients of contiguous rows X (and of their MoCo positives Y):
 
-    c_r = g_r (P_r+ − 1)/T is the MoCo positive's term (its own key ŷ = k̂ for dq, ŷ = q̂ for dk).
-    normalize backward (x̂ = x/‖x‖): dx = (dx̂ − x̂ (x̂·dx̂)) / ‖x‖, or dx̂/eps when ‖x‖ < eps.
+        dx̂ = coef_r·Σ_split PART[split, r] + c_r·ŷ_r        dŷ = c_r·x̂_r
+        c_r = g_r (P_r+ − 1)/T   (the MoCo positive's own term; P_r+ its softmax probability)
+
+    then the L2-normalize backward of each, the cast to the input dtype, and the store. For MoCo one
+    launch writes both dq (X = q) and dk (Y = k); for in-batch keys X = keys and there is no Y.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n_rows
     ccols = tl.arange(0, BLOCK_C)
     mask2 = rmask[:, None] & (ccols[None, :] < n_cols)
     offs = rows[:, None] * n_cols + ccols[None, :]
+    x = tl.load(X_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
     dxh = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     if HAS_PART:
         for sp in range(0, n_parts):
@@ -331,20 +346,22 @@ def _infonce_finalize_kernel(
             coef = coef * tl.load(COEF_ptr + rows, mask=rmask, other=0.0)
         dxh = dxh * coef[:, None]
     if HAS_Y:
-        y = tl.load(Y_ptr + rows[:, None] * Y_row_stride + ccols[None, :], mask=mask2, other=0.0).to(tl.float32)
+        y = tl.load(Y_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
+        yh = y
         if NORM_Y:
-            y = y / tl.maximum(tl.sqrt(tl.sum(y * y, axis=1)), 1e-12)[:, None]
+            yh = y / tl.maximum(tl.sqrt(tl.sum(y * y, axis=1)), 1e-12)[:, None]
         g = tl.load(G_ptr + rows, mask=rmask, other=0.0)
-        c = g * (tl.load(YCOEF_ptr + rows, mask=rmask, other=0.0) - 1.0) * y_scale
-        dxh += c[:, None] * y
-    if NORM_X:
-        x = tl.load(X_ptr + rows[:, None] * X_row_stride + ccols[None, :], mask=mask2, other=0.0).to(tl.float32)
-        nrm = tl.sqrt(tl.sum(x * x, axis=1))
-        r = 1.0 / tl.maximum(nrm, 1e-12)
-        xh = x * r[:, None]
-        proj = tl.where(nrm > 1e-12, tl.sum(xh * dxh, axis=1), 0.0)
-        dxh = (dxh - xh * proj[:, None]) * r[:, None]
-    tl.store(DX_ptr + rows[:, None] * X_row_stride + ccols[None, :], dxh.to(DX_ptr.dtype.element_ty), mask=mask2)
+        c = g * (tl.load(PPOS_ptr + rows, mask=rmask, other=0.0) - 1.0) * y_scale
+        dxh += c[:, None] * yh
+        if WRITE_DY:
+            xh = x
+            if NORM_X:
+                xh = x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)[:, None]
+            dyh = _l2norm_backward(y, c[:, None] * xh, NORM_Y)
+            tl.store(DY_ptr + offs, dyh.to(DY_ptr.dtype.element_ty), mask=mask2)
+    if WRITE_DX:
+        dxh = _l2norm_backward(x, dxh, NORM_X)
+        tl.store(DX_ptr + offs, dxh.to(DX_ptr.dtype.element_ty), mask=mask2)
 
 
 # ======================================================================================
@@ -444,6 +461,7 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
     fin_bm = min(BM, 32)
     dq = dk = dp = None
     if need_dq or need_dp:
+        n_split, part = 0, q
         if need_dq:
             n_rb = cdiv(N, BM)
             n_split, per = _split(n_rb, M, BN, N * C * 4, q.device)
@@ -455,20 +473,14 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
                 FP32_PRECISION=fp32, BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             dq = torch.empty_like(q)
-            _infonce_finalize_kernel[(cdiv(N, fin_bm),)](
-                q, q.stride(0), part, n_split, g, 1.0 / temperature,
-                pos_keys if not pos_in_keys else q, pos_keys.stride(0) if not pos_in_keys else 0, ppos, g, dq,
-                N, C, 1.0 / temperature,
-                HAS_PART=True, HAS_COEF=True, HAS_Y=not pos_in_keys, NORM_X=norm_q, NORM_Y=norm_p,
-                BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=4)
-            del part
-        if need_dp:  # MoCo positive key: dp̂_i = c_i q̂_i
+        if need_dp:  # MoCo positive key, same launch: dp̂_i = c_i q̂_i
             dp = torch.empty_like(pos_keys)
-            _infonce_finalize_kernel[(cdiv(N, fin_bm),)](
-                pos_keys, pos_keys.stride(0), q, 0, g, 1.0, q, q.stride(0), ppos, g, dp,
-                N, C, 1.0 / temperature,
-                HAS_PART=False, HAS_COEF=False, HAS_Y=True, NORM_X=norm_p, NORM_Y=norm_q,
-                BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=4)
+        _infonce_finalize_kernel[(cdiv(N, fin_bm),)](
+            q, part, n_split, g, 1.0 / temperature, q if pos_in_keys else pos_keys, ppos, g,
+            dq if need_dq else q, dp if need_dp else q, N, C, 1.0 / temperature,
+            HAS_PART=need_dq, HAS_COEF=True, HAS_Y=not pos_in_keys, WRITE_DX=need_dq, WRITE_DY=need_dp,
+            NORM_X=norm_q, NORM_Y=norm_p, BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=4)
+        del part
     if need_dk:
         rq = _inv_norms(q) if norm_q else q
         n_kb = cdiv(M, BN)
@@ -481,10 +493,9 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dk = torch.empty_like(keys)
         _infonce_finalize_kernel[(cdiv(M, fin_bm),)](
-            keys, keys.stride(0), part, n_split, g, 1.0 / (N * temperature), keys, 0, ppos, g, dk,
-            M, C, 0.0,
-            HAS_PART=True, HAS_COEF=False, HAS_Y=False, NORM_X=norm_k, NORM_Y=False,
-            BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=4)
+            keys, part, n_split, g, 1.0 / (N * temperature), keys, ppos, g, dk, dk, M, C, 0.0,
+            HAS_PART=True, HAS_COEF=False, HAS_Y=False, WRITE_DX=True, WRITE_DY=False,
+            NORM_X=norm_k, NORM_Y=False, BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=4)
     return dq, dk, dp
 
 
