@@ -1,6 +1,24 @@
-"""Evaluation of frozen backbones: weighted kNN monitor, offline linear probe, backbone export."""
-from .export import backbone_state_dict, export_backbone, load_into_reference, read_checkpoint, reference_model
-from .knn import extract_features, knn_classify, knn_eval
+"""Evaluation of frozen backbones: weighted kNN monitor, offline linear probe, backbone export.
 
-__all__ = ["extract_features", "knn_classify", "knn_eval", "read_checkpoint", "backbone_state_dict",
-           "reference_model", "load_into_reference", "export_backbone"]
+Names are resolved lazily (PEP 562) so ``python -m fastcl.eval.linear`` / ``-m fastcl.eval.export`` do not
+find their module already imported by the package (runpy's RuntimeWarning).
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "extract_features": "knn", "knn_classify": "knn", "knn_eval": "knn",
+    "read_checkpoint": "export", "backbone_state_dict": "export", "reference_model": "export",
+    "load_into_reference": "export", "export_backbone": "export",
+    "LinearHeads": "linear", "load_backbone": "linear", "train_linear": "linear",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

@@ -140,7 +140,8 @@ def load_into_reference(sd: Mapping[str, torch.Tensor], arch: str) -> nn.Module:
     """Build ``reference_model(arch)`` and load ``sd`` the documented way; raise if any key is off.
 
     ResNets load with ``strict=False`` and must miss exactly ``fc.weight, fc.bias`` (the head is then
-    replaced by Identity, so the returned module maps images to features); ViTs load strictly. The model
+    replaced by Identity, so the returned module maps images to (B, ``net.num_features``) features); ViTs
+    load strictly. The model
     is built on the meta device and takes ``sd``'s tensors (``assign=True``): no random init to pay for.
     """
     with torch.device("meta"):
@@ -150,6 +151,7 @@ def load_into_reference(sd: Mapping[str, torch.Tensor], arch: str) -> nn.Module:
         if set(missing) != _RESNET_HEAD or unexpected:
             raise ValueError(f"{arch}: backbone keys do not match torchvision: missing "
                              f"{sorted(set(missing) - _RESNET_HEAD)}, unexpected {sorted(unexpected)}")
+        net.num_features = net.fc.in_features  # the feature width, as timm models expose it
         net.fc = nn.Identity()
     else:
         net.load_state_dict(sd, strict=True, assign=True)

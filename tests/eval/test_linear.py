@@ -1,0 +1,110 @@
+"""Linear probe: convergence on cached toy features, independent lr heads, the command end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from fastcl.eval.linear import LinearHeads, cached_batches, load_backbone, main, train_linear
+
+
+def clusters(n_per_class, num_classes=10, dim=32, noise=0.5, seed=0):
+    centres = F.normalize(torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(0)), dim=1) * 2
+    y = torch.arange(num_classes).repeat_interleave(n_per_class)
+    return centres[y] + noise * torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed + 1)), y
+
+
+def test_probe_on_cached_features_converges():
+    x, y = clusters(100)
+    xv, yv = clusters(30, seed=1)
+    bs, epochs = 64, 10
+    res = train_linear(cached_batches(x, y, bs), -(-len(x) // bs), xv, yv, 32, 10, [1.0, 10.0], epochs, bs,
+                       log=None)
+    assert res["best_top1"] >= 0.95 and res["best_lr"] in (1.0, 10.0)
+    assert len(res["history"]) == epochs and len(res["top1"]) == 2
+    assert res["history"][-1]["loss"][0] < res["history"][0]["loss"][0]
+    json.dumps(res)  # the result is plain JSON
+
+
+def test_heads_are_independent():
+    """Training lrs [a, b] together gives head a exactly what training [a] alone gives."""
+    x, y = clusters(20, num_classes=5, dim=8, noise=2.0)
+    xv, yv = clusters(10, num_classes=5, dim=8, noise=2.0, seed=1)
+    kw = dict(dim=8, num_classes=5, epochs=3, batch_size=16, log=None)
+    both = train_linear(cached_batches(x, y, 16), 7, xv, yv, lrs=[0.5, 20.0], **kw)
+    alone = train_linear(cached_batches(x, y, 16), 7, xv, yv, lrs=[0.5], **kw)
+    for hb, ha in zip(both["history"], alone["history"]):
+        assert hb["top1"][0] == ha["top1"][0]
+        assert hb["loss"][0] == pytest.approx(ha["loss"][0], rel=1e-6)  # same rows, same order: fp-exact bar sums
+
+
+def test_train_linear_rejects_bad_arguments():
+    x, y = clusters(2)
+    with pytest.raises(ValueError, match="learning rates"):
+        train_linear(cached_batches(x, y, 8), 3, x, y, 32, 10, [0.0], 1, 8)
+    with pytest.raises(ValueError, match="more than steps_per_epoch"):
+        train_linear(cached_batches(x, y, 8), 1, x, y, 32, 10, [1.0], 1, 8, log=None)
+
+
+def test_linear_heads_shape_and_init():
+    h = LinearHeads(16, 7, 3)
+    assert h(torch.randn(5, 16)).shape == (3, 5, 7)
+    assert all(float(m.bias.detach().abs().max()) == 0 and float(m.weight.detach().std()) < 0.02 for m in h.heads)
+
+
+def r18_backbone():
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    return net
+
+
+def test_load_backbone_from_training_checkpoint(tmp_path):
+    method = nn.Module()
+    method.backbone, method.projector = r18_backbone(), nn.Linear(512, 4)
+    ckpt = tmp_path / "checkpoint.pth"
+    torch.save({"model": method.state_dict(), "args": {"arch": "resnet18"}}, ckpt)
+    net, arch, dim = load_backbone(ckpt)
+    assert (arch, dim) == ("resnet18", 512) and not net.training
+    assert not any(p.requires_grad for p in net.parameters())
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(net(x), method.backbone.eval()(x), rtol=0, atol=0)
+
+
+def test_bad_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing_ckpt.pth"):
+        main(["--checkpoint", str(tmp_path / "missing_ckpt.pth"), "--data", "cifar10"])
+    bad = tmp_path / "weird.pth"
+    torch.save({"epoch": 1}, bad)
+    with pytest.raises(ValueError, match="weird.pth"):
+        load_backbone(bad)
+
+
+def test_command_on_tiny_imagefolder(tmp_path):
+    """--cache-features end to end on a 2-class ImageFolder (red vs blue squares), then the feature cache."""
+    Image = pytest.importorskip("PIL.Image")
+    pytest.importorskip("fastcl.data.imagefolder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c, colour in enumerate(("red", "blue")):
+            d = tmp_path / "data" / split / colour
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (20, 20, 3), dtype=np.uint8)
+                img[..., 0 if c == 0 else 2] += 180
+                Image.fromarray(img).save(d / f"{i}.png")
+    ckpt = tmp_path / "backbone.pth"
+    torch.save({"backbone": r18_backbone().state_dict(), "arch": "resnet18"}, ckpt)
+    out, cache = tmp_path / "linear.json", tmp_path / "feats.pt"
+    argv = ["--checkpoint", str(ckpt), "--data", str(tmp_path / "data"), "--size", "16", "--epochs", "5",
+            "--batch-size", "4", "--lr", "0.1", "1", "--workers", "0", "--device", "cpu", "--cache-features",
+            "--feature-cache", str(cache), "--output", str(out)]
+    res = main(argv)
+    saved = json.loads(out.read_text())
+    assert saved["best_top1"] == res["best_top1"] and saved["arch"] == "resnet18" and len(saved["history"]) == 5
+    assert res["best_top1"] == 1.0  # colour is linearly separable even through a random ResNet
+    assert cache.is_file()
+    again = main(argv)  # second run reads the cached features: same result
+    assert again["top1"] == res["top1"]
