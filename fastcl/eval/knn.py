@@ -105,6 +105,8 @@ def extract_features(backbone: nn.Module, loader, device: torch.device | str,
     if world > 1:
         feats, labels, indices = _gather_padded(feats), _gather_padded(labels), _gather_padded(indices)
     # dataset-index order, first copy of each index (DistributedSampler pads by repeating samples)
+    if bool((indices[1:] > indices[:-1]).all()):  # already ordered and unique: skip the gather copy
+        return feats, labels
     order = torch.argsort(indices, stable=True)
     indices = indices[order]
     keep = torch.ones_like(indices, dtype=torch.bool)
@@ -117,10 +119,13 @@ def extract_features(backbone: nn.Module, loader, device: torch.device | str,
 @torch.no_grad()
 def _knn_counts(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                 test_labels: torch.Tensor, k: int, T: float, num_classes: int,
-                chunk: int | None) -> torch.Tensor:
-    """Return ``[top1_correct, top5_correct]`` (float64) for the test rows given."""
+                chunk: int | None, normalized: bool = False) -> torch.Tensor:
+    """Return ``[top1_correct, top5_correct]`` (float64) for the test rows given.
+
+    ``normalized=True``: ``train_feats`` already has unit rows in fp32/fp64 and is used as is (no copy).
+    """
     dtype = torch.promote_types(train_feats.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 kept
-    train = F.normalize(train_feats.to(dtype), dim=1)  # (N, D)
+    train = train_feats if normalized else F.normalize(train_feats.to(dtype), dim=1)  # (N, D)
     train_labels = train_labels.to(train.device, torch.long)
     n_train, n_test = train.shape[0], test_feats.shape[0]
     k = min(k, n_train)
@@ -205,17 +210,17 @@ def knn_eval(backbone: nn.Module, train_loader, val_loader, device: torch.device
     _check(k, T, chunk)
     train_feats, train_labels = extract_features(backbone, train_loader, device, amp_dtype)
     test_feats, test_labels = extract_features(backbone, val_loader, device, amp_dtype)
+    # normalize the bank in place: it is ours, and an out-of-place copy would double its memory
+    # (ImageNet-1k x ResNet-50: 1.28M x 2048 fp32 = 10.5 GB)
+    train_feats /= train_feats.norm(dim=1, keepdim=True).clamp_min_(1e-12)
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     world = _dist_world()
-    n_test = test_feats.shape[0]
-    if world > 1:  # each rank votes for a contiguous slice of the test rows
-        rank = dist.get_rank()
-        lo, hi = n_test * rank // world, n_test * (rank + 1) // world
-        counts = _knn_counts(train_feats, train_labels, test_feats[lo:hi], test_labels[lo:hi], k, T,
-                             num_classes, chunk)
+    rank, n_test = (dist.get_rank() if world > 1 else 0), test_feats.shape[0]
+    lo, hi = n_test * rank // world, n_test * (rank + 1) // world  # this rank's slice of the test rows
+    counts = _knn_counts(train_feats, train_labels, test_feats[lo:hi], test_labels[lo:hi], k, T, num_classes,
+                         chunk, normalized=True)
+    if world > 1:
         dist.all_reduce(counts)
-    else:
-        counts = _knn_counts(train_feats, train_labels, test_feats, test_labels, k, T, num_classes, chunk)
     n = max(n_test, 1)
     return {"top1": float(counts[0]) / n, "top5": float(counts[1]) / n}
