@@ -118,7 +118,12 @@ def twin_views(root, view: ViewSpec, n: int) -> torch.Tensor:
     img = Image.open(os.path.join(root, "c0", "img_000.png")).convert("RGB")
     t = MultiViewTransform(AugmentSpec((view,), (n,)))
     torch.manual_seed(0)
-    return torch.stack(t(img)).float()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny per-image ops: intra-op threads only add overhead
+    try:
+        return torch.stack(t(img)).float()
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ============ shapes / dtypes / layouts per preset ============

@@ -1,0 +1,177 @@
+"""Input-pipeline throughput: DALI (``fastcl.data.dali``) vs the torchvision DataLoader, same spec.
+
+Both back ends read the same ImageNet-like JPEG folder (``make_synthetic_imagefolder``: ~500x375,
+quality 90, built from real ImageNet photos) with the same parallelism (DALI ``num_threads`` =
+DataLoader ``num_workers`` = ``FASTCL_BENCH_WORKERS``, default 2) and the same augmentation spec:
+
+- ``moco``: MoCo v2 aug+ two 224 views;
+- ``dino``: DINO multi-crop, 2 x 224 + 10 x 96.
+
+Each round is one full epoch over the folder (after one warm-up epoch; pipelines and workers are
+persistent); img/s counts source images (each yields all its views). The median with 20th/80th
+percentiles is printed per back end, then the DALI/torch ratio per spec. On CUDA the DALI pipeline
+runs on the GPU (mixed decode) and ``test_moco_step_*`` also times a MoCo v2 ResNet-50 training step
+fed by the pipeline vs by synthetic tensors (skipped without CUDA).
+
+    pytest benchmarks/bench_data.py -s                       # CPU: DALI CPU twin vs torchvision
+    FASTCL_BENCH_IMAGES=2048 FASTCL_BENCH_WORKERS=8 pytest benchmarks/bench_data.py -s
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fastcl.data import augment
+
+WORKERS = int(os.environ.get("FASTCL_BENCH_WORKERS", "2"))
+N_IMAGES = int(os.environ.get("FASTCL_BENCH_IMAGES", "128"))
+BATCH = int(os.environ.get("FASTCL_BENCH_BATCH", "32"))
+ROUNDS = int(os.environ.get("FASTCL_BENCH_ROUNDS", "3"))
+QUANTILES = (0.5, 0.2, 0.8)
+SPECS = {
+    "moco": lambda: augment.mocov2_aug_plus(size=224),
+    "dino": lambda: augment.multicrop(global_size=224, local_size=96, n_local=10),
+}
+RESULTS: dict[tuple[str, str], dict] = {}  # (spec, backend) -> stats, reported by the summary test
+
+
+@pytest.fixture(scope="module")
+def folder():
+    from fastcl.data.fixtures import cache_root, make_synthetic_imagefolder
+    n_classes = 4
+    try:
+        return make_synthetic_imagefolder(cache_root() / "bench" / f"imagenet-synth-{N_IMAGES}",
+                                          n_classes=n_classes, per_class=N_IMAGES // n_classes)
+    except RuntimeError as err:
+        pytest.skip(str(err))
+
+
+def _dali_loader(root, spec):
+    from fastcl.data.dali import DaliLoader
+    return DaliLoader(root, spec, BATCH, num_threads=WORKERS)
+
+
+def _torch_loader(root, spec):
+    from fastcl.data.imagefolder import ImageFolderDataset
+    from fastcl.data.loader import TorchLoader
+    from fastcl.data.transforms import MultiViewTransform
+    ds = ImageFolderDataset(root, MultiViewTransform(spec))
+    return TorchLoader(ds, BATCH, num_workers=WORKERS, persistent_workers=True,
+                       pin_memory=torch.cuda.is_available())
+
+
+def _epoch(loader, device) -> int:
+    n = 0
+    for views, _, _ in loader:
+        if device.type == "cuda":
+            views = [v.to(device, non_blocking=True) for v in views]
+        n += len(views[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_pipeline_throughput(benchmark, folder, spec_name, backend):
+    if backend == "dali":
+        from fastcl.data.dali import dali_available
+        if not dali_available():
+            pytest.skip("nvidia-dali not installed")
+    spec = SPECS[spec_name]()
+    loader = (_dali_loader if backend == "dali" else _torch_loader)(folder, spec)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    epoch = iter(range(10 ** 6))
+    counts = []
+
+    def run():
+        loader.set_epoch(next(epoch))
+        counts.append(_epoch(loader, device))
+
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    times = np.array(benchmark.stats.stats.data)
+    rates = counts[-1] / times
+    stats = {q: float(np.quantile(rates, q)) for q in QUANTILES}
+    stats.update(images=counts[-1], views=spec.num_views, workers=WORKERS, device=str(device))
+    RESULTS[(spec_name, backend)] = stats
+    benchmark.extra_info.update({f"img_per_s_p{int(q * 100)}": v for q, v in stats.items() if isinstance(q, float)})
+    benchmark.extra_info.update(backend=backend, spec=spec_name, workers=WORKERS, device=str(device))
+    print(f"\n[{spec_name:4s} {backend:5s}] {stats[0.5]:8.1f} img/s (p20 {stats[0.2]:.1f}, p80 {stats[0.8]:.1f}) "
+          f"{spec.num_views} views, {WORKERS} threads/workers, {device}")
+
+
+def test_summary_ratio():
+    """Print DALI / torch img/s per spec (needs the throughput tests above in the same run)."""
+    if not RESULTS:
+        pytest.skip("no throughput results in this run")
+    for name in SPECS:
+        d, t = RESULTS.get((name, "dali")), RESULTS.get((name, "torch"))
+        if d and t:
+            print(f"\n[{name}] DALI {d[0.5]:.1f} img/s vs torchvision {t[0.5]:.1f} img/s: "
+                  f"ratio {d[0.5] / t[0.5]:.2f}x ({d['device']}, {WORKERS} threads/workers)")
+
+
+# ============ GPU: MoCo v2 R50 step, pipeline-fed vs synthetic ============
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: times a ResNet-50 training step on the GPU")
+@pytest.mark.parametrize("feed", ["synthetic", "dali"])
+def test_moco_step(benchmark, folder, feed):
+    from fastcl.methods.base import Step
+    from fastcl.methods.moco import MoCo
+    from fastcl.models import build_backbone
+    device = torch.device("cuda")
+    net, dim = build_backbone("resnet50")
+    method = MoCo(net, dim, K=65536, T=0.2).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(method.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    spec = SPECS["moco"]()
+    if feed == "dali":
+        from fastcl.data.dali import DaliLoader
+        loader = DaliLoader(folder, spec, BATCH, num_threads=WORKERS, device=device, channels_last=True)
+        if len(loader) == 0:
+            pytest.skip("folder smaller than one batch")
+
+        def batches():
+            epoch = 0
+            while True:
+                loader.set_epoch(epoch)
+                for views, _, _ in loader:
+                    yield views
+                epoch += 1
+        source = batches()
+    else:
+        fixed = [torch.randn(BATCH, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+                 for _ in range(2)]
+        source = iter(lambda: fixed, None)
+    steps = 0
+
+    def step():
+        nonlocal steps
+        views = next(source)
+        s = Step(step=steps, epoch=0, steps_per_epoch=1, total_steps=10 ** 6, values={"momentum": 0.999})
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = method(views, s)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        method.before_optimizer_step(s)
+        opt.step()
+        method.after_optimizer_step(s)
+        steps += 1
+
+    for _ in range(5):  # burn-in: cudnn autotune, allocator, DALI prefetch
+        step()
+    torch.cuda.synchronize()
+
+    def timed(n=20):
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=3, iterations=1)
+    per_step = float(np.median(benchmark.stats.stats.data)) / 20
+    benchmark.extra_info.update(feed=feed, img_per_s=BATCH / per_step, gpu=torch.cuda.get_device_name())
+    print(f"\n[moco v2 R50 step, {feed}] {per_step * 1e3:.1f} ms/step, {BATCH / per_step:.0f} img/s "
+          f"({torch.cuda.get_device_name()}, batch {BATCH})")
