@@ -63,8 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="extract train features once (eval transform, no augmentation) and train on them: "
                         "fast, also on a CPU")
     p.add_argument("--feature-cache", default=None,
-                   help="with --cache-features: load the features from this file if it was written for the "
-                        "same checkpoint, else extract and save them there")
+                   help="implies --cache-features: load the features from this file if it was written for "
+                        "the same checkpoint, else extract and save them there")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="autocast dtype of the backbone pass (default: bf16 on CUDA, none on CPU)")
@@ -281,10 +281,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ============ features / data ============
     train_tf, eval_tf = build_transforms(args.data, size)
-    loader_kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=args.workers > 0)
+    loader_kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     key = _feature_cache_key(args.checkpoint, arch, args.data, size)
-    cache = Path(args.feature_cache) if args.feature_cache and args.cache_features else None
+    args.cache_features |= args.feature_cache is not None
+    cache = Path(args.feature_cache) if args.feature_cache else None
     if cache is not None and cache.is_file():
         stored = torch.load(cache, map_location="cpu")
         if stored.get("key") != key:
@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         train_ds = build_dataset(args.data, "train", train_tf)
         g = torch.Generator().manual_seed(args.seed)
-        loader = torch.utils.data.DataLoader(train_ds, shuffle=True, drop_last=True, generator=g, **loader_kw)
+        loader = torch.utils.data.DataLoader(train_ds, shuffle=True, drop_last=True, generator=g,
+                                             persistent_workers=args.workers > 0, **loader_kw)
         batches, steps = image_batches(backbone, loader, device, amp), len(loader)
         num_classes = len(train_ds.classes) if hasattr(train_ds, "classes") else int(np.max(train_ds.labels)) + 1
 

@@ -108,3 +108,7 @@ def test_command_on_tiny_imagefolder(tmp_path):
     assert cache.is_file()
     again = main(argv)  # second run reads the cached features: same result
     assert again["top1"] == res["top1"]
+    # the augmented-images path (backbone in the loop, RandomResizedCrop + flip)
+    argv = [a for a in argv if a not in ("--cache-features", "--feature-cache", str(cache))]
+    aug = main([*argv[:argv.index("--epochs") + 1], "2", *argv[argv.index("--epochs") + 2:]])
+    assert len(aug["history"]) == 2 and not aug["cached_features"] and 0 <= aug["best_top1"] <= 1
