@@ -62,10 +62,13 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
 
 @contextlib.contextmanager
 def _locked(cache: Path):
+    """Exclusive fcntl lock on ``cache/.lock``; removes temp dirs left by builders that were killed."""
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
+            for stale in cache.glob(".build-*"):  # only lock holders build, so these are orphans
+                shutil.rmtree(stale, ignore_errors=True)
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)

@@ -98,6 +98,9 @@ class TorchLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch, self.start_batch = 0, 0
+        if drop_last and len(self) == 0:
+            raise ValueError(f"dataset of {len(dataset)} samples is smaller than one global batch "
+                             f"({world_size} ranks x {batch_size}); use drop_last=False or a smaller batch")
         self._sampler = _BatchSampler()
         self._generator = torch.Generator()
         self._loader = DataLoader(dataset, batch_sampler=self._sampler, num_workers=num_workers,

@@ -100,6 +100,7 @@ def _prepare(root, q):
 def test_concurrent_prepare_from_torchvision_dir(arrays, tmp_path):
     # two "ranks" race on an empty cache whose root holds a full torchvision-format copy
     write_torchvision(tmp_path / "cifar-10-batches-py", arrays)
+    (tmp_path / "cifar10" / ".build-npy-orphan").mkdir(parents=True)  # left by a killed builder
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
     procs = [ctx.Process(target=_prepare, args=(tmp_path, q)) for _ in range(2)]
