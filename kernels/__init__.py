@@ -55,3 +55,6 @@ from .queue import KeyQueue  # noqa: E402
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "triton_available", "use_triton", "moco_infonce",
            "inbatch_infonce", "ntxent", "contrastive_lse", "KeyQueue", "ema_update_", "EMAUpdater", "dino_loss"]
+from .sinkhorn import sinkhorn  # noqa: E402
+
+__all__ += ["sinkhorn"]
