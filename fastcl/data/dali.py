@@ -380,6 +380,7 @@ class DaliLoader:
         self._cursor = 0
         self._clean = False  # pipeline sits at an epoch boundary and can be reset instead of rebuilt
         self._pipe_count = 0
+        self._gen = 0  # iteration counter (see __iter__)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     # ---- protocol ----
@@ -408,12 +409,16 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
         plan = self.epoch_indices()[self.start_batch:]
         self.start_batch = 0
+        self._gen += 1
+        gen = self._gen  # a newer iteration supersedes this one (its pipeline and plan)
         pipe = self._fresh_pipe()
         self._plan, self._cursor = plan, 0
         n_views = self.spec.num_views
         done = 0
         try:
             while done < len(plan):
+                if self._gen != gen:
+                    raise RuntimeError("DaliLoader: this iterator was superseded by a newer iter(loader)")
                 try:
                     outs = pipe.run()
                 except StopIteration:  # cannot happen before the plan is exhausted; never loop forever
@@ -438,7 +443,7 @@ class DaliLoader:
                 pipe.reset()
                 self._clean = True
         finally:
-            if done < len(plan) or not self._clean:
+            if self._gen == gen and (done < len(plan) or not self._clean):
                 self._discard_pipe()  # abandoned mid-epoch: batches in flight -> rebuild next time
 
     # ---- internals ----

@@ -374,6 +374,11 @@ def test_resume_mid_epoch(imagefolder):
     next(it)
     del it
     assert [i.tolist() for _, _, i in dl] == full
+    stale = iter(dl)
+    next(stale)
+    assert [i.tolist() for _, _, i in dl] == full  # a newer iteration supersedes the stale one
+    with pytest.raises(RuntimeError, match="superseded"):
+        next(stale)
     with pytest.raises(ValueError):
         dl.set_epoch(0, start_batch=len(dl) + 1)
 
