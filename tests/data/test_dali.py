@@ -140,6 +140,21 @@ def test_dali_available():
     assert dali_available()
 
 
+def test_real_progressive_imagenet_jpegs(tmp_path):
+    from fastcl.data.fixtures import imagenet_sample_jpegs
+    try:
+        jpegs = imagenet_sample_jpegs()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    (tmp_path / "c0").mkdir()
+    for p in jpegs:
+        shutil.copy(p, tmp_path / "c0" / p.name)
+    dl = DaliLoader(tmp_path, augment.mocov2_aug_plus(size=32), 20, validate="header")
+    (views, labels, indices), = list(dl)
+    assert dl.num_bad_files == 0 and sorted(indices.tolist()) == list(range(20))
+    assert all(torch.isfinite(v).all() and v.std() > 0.1 for v in views)
+
+
 def test_fused_roi_decode_on_jpegs(imagefolder):
     spec = augment.mocov2_aug_plus(size=64)
     views, _, _ = next(iter(DaliLoader(imagefolder, spec, 8, decode="fused")))
