@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fastcl.engine  # noqa: F401  (engine before methods: fastcl.methods alone hits an import cycle)
 from fastcl.methods.base import Step
 from fastcl.methods.instdisc import InstDisc, nce_loss
 
@@ -101,6 +100,7 @@ def test_recipe_preset_and_step_lr():
     assert s[1199] == pytest.approx(0.03) and s[1200] == pytest.approx(0.003) and s[1600] == pytest.approx(3e-4)
 
 
+@pytest.mark.slow
 def test_recipe_runs_on_cifar10_and_loss_falls(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the shared 2-core CI box: one thread is faster than two contended ones
@@ -116,3 +116,40 @@ def test_recipe_runs_on_cifar10_and_loss_falls(tmp_path):
     losses = log_losses(tmp_path)
     assert res["step"] == n and len(losses) == n and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def _ddp_worker(rank, world, port, path):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo")
+    m = tiny(n=20, K=5)  # same seed: the same bank and weights on both ranks
+    idx = torch.tensor([[3, 7, 11], [0, 5, 19]])[rank]
+    torch.manual_seed(100 + rank)
+    m([torch.randn(3, 3, 2, 2)], Step(0, 0, 1, 1, {}, indices=idx))["loss"].backward()
+    f = m._to_write[0].clone()
+    m.after_optimizer_step(Step(0, 0, 1, 1, {}, indices=idx))
+    torch.save({"memory": m.memory, "Z": m.Z, "f": f, "idx": idx}, f"{path}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_bank_update_gathers_features_and_indices(tmp_path):
+    """Every rank writes every rank's rows (lightly#1018: features gathered but not indices corrupts the bank)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path / "r")), nprocs=2, start_method="spawn")
+    r = [torch.load(tmp_path / f"r.{i}") for i in range(2)]
+    assert torch.equal(r[0]["memory"], r[1]["memory"]) and float(r[0]["Z"]) == float(r[1]["Z"]) > 0
+    mem0 = tiny(n=20, K=5).memory
+    for i in range(2):
+        expect = 0.5 * mem0[r[i]["idx"]] + 0.5 * r[i]["f"]
+        torch.testing.assert_close(r[0]["memory"][r[i]["idx"]], expect / expect.norm(dim=1, keepdim=True))
+    untouched = [j for j in range(20) if j not in (3, 7, 11, 0, 5, 19)]
+    assert torch.equal(r[0]["memory"][untouched], mem0[untouched])

@@ -73,6 +73,7 @@ def test_one_shared_encoder_detached_keys_and_gradients():
         InvaSpread(nn.Identity(), 4, T=0)
 
 
+@pytest.mark.slow
 def test_recipe_runs_on_cifar10_and_loss_falls(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the shared 2-core CI box: one thread is faster than two contended ones

@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fastcl.engine  # noqa: F401  (engine before methods: fastcl.methods alone hits an import cycle)
 from fastcl.methods.base import Step
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,6 +97,7 @@ def test_step_lr_schedule_is_the_papers():
     np.testing.assert_allclose(m.schedules(200, 10)["lr"], s)
 
 
+@pytest.mark.slow
 def test_recipe_runs_on_cifar10_and_loss_falls(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the shared 2-core CI box: one thread is faster than two contended ones

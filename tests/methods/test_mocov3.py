@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fastcl.engine  # noqa: F401  (engine before methods: fastcl.methods alone hits an import cycle)
 from fastcl.methods.base import Step
 from fastcl.methods.mocov3 import MoCoV3, vit_init_
 from fastcl.models import build_backbone
@@ -113,6 +112,7 @@ def run_recipe(name, tmp_path, n, extra=()):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_r50_recipe_runs_on_cifar10_and_loss_falls(tmp_path):
     n = 12
     res = run_recipe("mocov3_r50", tmp_path, n, ["--optimizer", "adamw", "--lr", "0.02", "--wd", "0",
@@ -123,6 +123,7 @@ def test_r50_recipe_runs_on_cifar10_and_loss_falls(tmp_path):
     assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
 
 
+@pytest.mark.slow
 def test_vit_recipe_runs_on_cifar10(tmp_path):
     res = run_recipe("mocov3_vits16", tmp_path, 3, ["--arch", "vit_tiny_patch16_224", "--num-heads", "3",
                                                    "--mlp-dim", "64", "--dim", "32"])
