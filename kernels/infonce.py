@@ -584,6 +584,27 @@ def contrastive_lse(q, keys, temperature, pos_index=None, pos_keys=None, self_in
 # ======================================================================================
 
 
+_INDEX_CACHE: dict = {}
+
+
+def _indices(kind, n, offset, device):
+    """Cached positive / self index vectors, so a training step launches no arange/mod kernels."""
+    key = (kind, n, offset, device)
+    idx = _INDEX_CACHE.get(key)
+    if idx is None:
+        if len(_INDEX_CACHE) > 64:
+            _INDEX_CACHE.clear()
+        a = torch.arange(n, device=device)
+        if kind == "inbatch":
+            idx = a + offset
+        elif kind == "ntxent_self":
+            idx = a + offset
+        else:  # ntxent_pos: the other view of the same image
+            idx = (a + n // 2) % n + offset
+        _INDEX_CACHE[key] = idx
+    return idx
+
+
 def moco_infonce(q, k, queue, temperature, normalize=True):
     """MoCo InfoNCE: mean_i CE([q̂_i·k̂_i, q̂_i·queue_j]/T, target 0).
 
@@ -611,7 +632,7 @@ def inbatch_infonce(q, k, temperature, pos_offset=0, normalize=True):
     n, m = q.shape[0], k.shape[0]
     if not 0 <= pos_offset <= m - n:
         raise ValueError(f"pos_offset={pos_offset} puts positives outside the {m} keys for {n} queries")
-    pos = torch.arange(n, device=q.device) + pos_offset
+    pos = _indices("inbatch", n, pos_offset, q.device)
     return contrastive_lse(q, k, temperature, pos_index=pos, normalize_q=normalize,
                            normalize_keys=normalize).mean()
 
@@ -638,9 +659,8 @@ def ntxent(z1, z2, temperature, normalize=True, z_all=None, offset=0):
         raise ValueError("offset is only meaningful with z_all")
     if not 0 <= offset <= keys.shape[0] - 2 * n:
         raise ValueError(f"offset={offset} puts the local block outside the {keys.shape[0]} gathered rows")
-    a = torch.arange(2 * n, device=z.device)
-    self_index = a + offset
-    pos_index = (a + n) % (2 * n) + offset
+    self_index = _indices("ntxent_self", 2 * n, offset, z.device)
+    pos_index = _indices("ntxent_pos", 2 * n, offset, z.device)
     return contrastive_lse(z, keys, temperature, pos_index=pos_index, self_index=self_index,
                            normalize_q=normalize, normalize_keys=normalize).mean()
 
