@@ -15,6 +15,9 @@ fed by the pipeline vs by synthetic tensors (skipped without CUDA).
 
     pytest benchmarks/bench_data.py -s                       # CPU: DALI CPU twin vs torchvision
     FASTCL_BENCH_IMAGES=2048 FASTCL_BENCH_WORKERS=8 pytest benchmarks/bench_data.py -s
+
+Every measurement is appended to ``$FASTCL_BENCH_CSV`` (default ``<cache>/bench/bench_data.csv``) with
+the device, torch/DALI versions and the config.
 """
 from __future__ import annotations
 
@@ -36,6 +39,30 @@ SPECS = {
     "dino": lambda: augment.multicrop(global_size=224, local_size=96, n_local=10),
 }
 RESULTS: dict[tuple[str, str], dict] = {}  # (spec, backend) -> stats, reported by the summary test
+
+
+def _append_csv(row: dict) -> None:
+    """One row per measurement in ``$FASTCL_BENCH_CSV`` (default ``<cache>/bench/bench_data.csv``)."""
+    import csv
+    import datetime
+    import platform
+    from fastcl.data.fixtures import cache_root
+    try:
+        import nvidia.dali as dali
+        dali_version = dali.__version__
+    except ImportError:
+        dali_version = ""
+    path = os.environ.get("FASTCL_BENCH_CSV") or str(cache_root() / "bench" / "bench_data.csv")
+    row = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+           "host": platform.node(), "torch": torch.__version__, "dali": dali_version, **row}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +126,9 @@ def test_pipeline_throughput(benchmark, folder, spec_name, backend):
     RESULTS[(spec_name, backend)] = stats
     benchmark.extra_info.update({f"img_per_s_p{int(q * 100)}": v for q, v in stats.items() if isinstance(q, float)})
     benchmark.extra_info.update(backend=backend, spec=spec_name, workers=WORKERS, device=str(device))
+    _append_csv(dict(bench="pipeline", spec=spec_name, backend=backend, views=spec.num_views, workers=WORKERS,
+                     batch=BATCH, images=counts[-1], img_per_s_p50=stats[0.5], img_per_s_p20=stats[0.2],
+                     img_per_s_p80=stats[0.8]))
     print(f"\n[{spec_name:4s} {backend:5s}] {stats[0.5]:8.1f} img/s (p20 {stats[0.2]:.1f}, p80 {stats[0.8]:.1f}) "
           f"{spec.num_views} views, {WORKERS} threads/workers, {device}")
 
@@ -173,5 +203,7 @@ def test_moco_step(benchmark, folder, feed):
     benchmark.pedantic(timed, rounds=3, iterations=1)
     per_step = float(np.median(benchmark.stats.stats.data)) / 20
     benchmark.extra_info.update(feed=feed, img_per_s=BATCH / per_step, gpu=torch.cuda.get_device_name())
+    _append_csv(dict(bench="moco_r50_step", spec="moco", backend=feed, views=2, workers=WORKERS, batch=BATCH,
+                     images=BATCH * 20, img_per_s_p50=BATCH / per_step, img_per_s_p20="", img_per_s_p80=""))
     print(f"\n[moco v2 R50 step, {feed}] {per_step * 1e3:.1f} ms/step, {BATCH / per_step:.0f} img/s "
           f"({torch.cuda.get_device_name()}, batch {BATCH})")

@@ -155,6 +155,24 @@ def test_real_progressive_imagenet_jpegs(tmp_path):
     assert all(torch.isfinite(v).all() and v.std() > 0.1 for v in views)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: mixed (nvJPEG) decode + GPU operators")
+@pytest.mark.parametrize("name", ["mocov2", "dino"])  # fused ROI decode / decode once
+def test_gpu_pipeline(imagefolder, name):
+    spec = PRESETS[name]
+    dl = DaliLoader(imagefolder, spec, 8, device="cuda", dtype=torch.bfloat16, channels_last=True)
+    dl.set_epoch(1)
+    batches = list(dl)
+    assert len(batches) == len(dl)
+    for views, labels, indices in batches:
+        assert [tuple(v.shape) for v in views] == [(8, 3, s.size, s.size) for s in spec.expanded()]
+        assert all(v.is_cuda and v.dtype == torch.bfloat16 and v.is_contiguous(memory_format=torch.channels_last)
+                   and torch.isfinite(v.float()).all() for v in views)
+        assert labels.device.type == indices.device.type == "cpu"
+    ref = shard_batches(37, 8, epoch=1)
+    assert [i.tolist() for _, _, i in batches] == [b.tolist() for b in ref]
+
+
 def test_fused_roi_decode_on_jpegs(imagefolder):
     spec = augment.mocov2_aug_plus(size=64)
     views, _, _ = next(iter(DaliLoader(imagefolder, spec, 8, decode="fused")))
