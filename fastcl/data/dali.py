@@ -15,7 +15,8 @@ Per ``ViewSpec`` (one DALI branch per output view, in ``spec.expanded()`` order)
     grayscale (p)           ``hsv(saturation=0)`` (Y = .299 R + .587 G + .114 B, 3 channels kept)
     gaussian blur (p)       ``gaussian_blur(window_size=view.blur_kernel_size, sigma ~ U[blur_sigma])``
     solarize (p)            ``lookup_table``: x >= 255 * threshold -> 255 - x
-    flip (p) + normalize    ``crop_mirror_normalize`` -> NCHW (or NHWC for ``channels_last``), fp32/fp16
+    flip (p) + normalize    ``crop_mirror_normalize`` -> NCHW (or NHWC for ``channels_last``), fp32/fp16;
+                            bf16 = fp32 cast by torch
 
 Probabilistic ops are DALI conditionals (``enable_conditionals=True``): a sample that draws "no"
 skips the op instead of running it with neutral parameters. Known, documented differences from the
@@ -55,7 +56,6 @@ warning.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
