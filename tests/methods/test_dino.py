@@ -225,6 +225,19 @@ def test_presets_and_the_headline_model():
     assert dino.backbone is dino.teacher_backbone  # kNN and export use the teacher, as DINO does
 
 
+def test_vits16_presets():
+    r16 = load_recipe("dino_vits16")
+    a = r16.dino.cli.parse_args(r16.dino.get_args_parser(), r16.PRESETS, ["--data", "/imagenet"])
+    assert (a.arch, a.patch_size, a.epochs, a.batch_size, a.lr, a.min_lr, a.warmup_epochs, a.wd, a.wd_end,
+            a.clip_grad_param, a.out_dim, a.norm_last_layer, a.global_crops_scale, a.local_crops_scale,
+            a.local_crops_number, a.warmup_teacher_temp, a.teacher_temp, a.warmup_teacher_temp_epochs,
+            a.momentum_teacher, a.student_temp, a.drop_path, a.freeze_last_layer) == \
+        ("vit_small_patch16_224", 16, 100, 1024, 0.0005, 1e-6, 10, 0.04, 0.4, 3.0, 65536, True, (0.32, 1.0),
+         (0.05, 0.32), 10, 0.04, 0.07, 30, 0.996, 0.1, 0.1, 1)
+    a = r16.dino.cli.parse_args(r16.dino.get_args_parser(), r16.PRESETS, [])
+    assert (a.preset, a.arch, a.patch_size, a.global_crop_size) == ("cifar", "vit_small_patch16_224", 8, 32)
+
+
 @pytest.fixture(scope="module")
 def cifar_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dino")
@@ -240,7 +253,7 @@ def cifar_run(tmp_path_factory):
                            "--out", str(out), "--workers", "0", "--data-backend", "torch",
                            "--arch", "vit_tiny_patch16_224", "--patch-size", "8", "--global-crop-size", "16",
                            "--local-crop-size", "8", "--local-crops-number", "2", "--out-dim", "256",
-                           "--head-hidden", "128", "--bottleneck", "32", "--warmup-epochs", "0", "--lr", "0.02",
+                           "--head-hidden", "128", "--bottleneck", "32", "--warmup-epochs", "0", "--lr", "0.005",
                            "--freeze-last-layer", "0", "--teacher-temp", "0.04",
                            "--warmup-teacher-temp-epochs", "0", "--center-momentum", "0", "--log-every", "1"])
     finally:
@@ -265,5 +278,5 @@ def test_no_collapse_after_a_short_run(cifar_run):
     std, entropy = recs[-1]["std"], recs[-1]["teacher_entropy"]
     # healthy: per-dim std of the L2-normalized teacher features near 1/sqrt(d) (collapse -> 0), teacher
     # entropy strictly between one-hot (0) and uniform (log K) collapse
-    assert std > 0.4 / math.sqrt(d), recs[-1]
+    assert std > 0.5 / math.sqrt(d) and std > 0.6 * recs[0]["std"], (recs[0], recs[-1])
     assert 0.1 * math.log(K) < entropy < 0.95 * math.log(K), recs[-1]
