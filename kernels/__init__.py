@@ -5,6 +5,14 @@ Every op has a plain-torch reference beside its Triton kernel; which one runs is
 (on CPU that needs ``TRITON_INTERPRET=1`` set before this package is imported), ``torch`` forces
 the references. Set it with ``set_backend`` or the ``FASTCL_KERNELS`` environment variable; recipes
 expose it as ``--kernels {auto,triton,torch}``.
+
+| Kernel | API | file |
+|---|---|---|
+| flash-style InfoNCE (MoCo queue, in-batch, NT-Xent) | ``moco_infonce``, ``inbatch_infonce``, ``ntxent``, ``contrastive_lse`` | infonce.py |
+| key queue (ring buffer, device pointer) | ``KeyQueue`` | queue.py |
+| EMA / momentum update | ``ema_update_``, ``EMAUpdater`` | ema.py |
+| DINO loss | ``dino_loss`` | dino_loss.py |
+| SwAV Sinkhorn-Knopp | ``sinkhorn`` | sinkhorn.py |
 """
 from __future__ import annotations
 
@@ -52,9 +60,8 @@ from .dino_loss import dino_loss  # noqa: E402
 from .ema import EMAUpdater, ema_update_  # noqa: E402
 from .infonce import contrastive_lse, inbatch_infonce, moco_infonce, ntxent  # noqa: E402
 from .queue import KeyQueue  # noqa: E402
-
-__all__ = ["BACKENDS", "set_backend", "get_backend", "triton_available", "use_triton", "moco_infonce",
-           "inbatch_infonce", "ntxent", "contrastive_lse", "KeyQueue", "ema_update_", "EMAUpdater", "dino_loss"]
 from .sinkhorn import sinkhorn  # noqa: E402
 
-__all__ += ["sinkhorn"]
+__all__ = ["BACKENDS", "set_backend", "get_backend", "triton_available", "use_triton", "moco_infonce",
+           "inbatch_infonce", "ntxent", "contrastive_lse", "KeyQueue", "ema_update_", "EMAUpdater", "dino_loss",
+           "sinkhorn"]

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from . import use_triton
-from .utils import cdiv, ensure_contiguous, interpreting, next_power_of_2, num_sms
+from .utils import cdiv, ensure_contiguous, interpreting, next_power_of_2, num_sms, tl, triton
 
 # ======================================================================================
 # constants

@@ -13,11 +13,9 @@ state_dict are unaffected; the tables are rebuilt if a data pointer changes. ``m
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import use_triton
-from .utils import cdiv, interpreting
+from .utils import cdiv, interpreting, tl, triton
 
 # ======================================================================================
 # constants

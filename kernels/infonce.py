@@ -18,6 +18,17 @@ streams key tiles, the backward recomputes each tile from the saved log-sum-exp.
 ``normalize`` never writes normalized copies either: the dot is taken on the raw rows in fp32 and
 scaled by the inverse row norms 1/max(‖x‖, 1e-12) (as ``F.normalize``).
 
+Precision: tiles are multiplied in the input dtype with fp32 accumulation (fp32 inputs use
+``tf32x3``, ~fp32 accurate); softmax statistics, norms and the partial gradients are fp32; the
+probability tile fed to the backward dot is rounded to the input dtype, as in FlashAttention.
+Queries and keys may differ in dtype (bf16 queries vs an fp32 queue): key tiles are cast to the
+query dtype in registers. Feature widths C <= 1024 run in Triton (a whole row per tile); wider
+ones fall back to the torch reference.
+
+Parallelism: the forward and dq kernels split the keys into chunks when there are too few query
+row blocks to fill the GPU (MoCo: N=256 queries vs 65536 keys), writing fp32 partials that a small
+kernel merges; dk splits over query rows the same way. No atomics, deterministic results.
+
 Backend: ``fastcl.kernels.use_triton`` (Triton for CUDA tensors by default, the torch reference
 otherwise). The torch reference materializes the logits and is meant for CPU and for checking.
 """
@@ -26,11 +37,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import triton
-import triton.language as tl
 
 from . import use_triton
-from .utils import cdiv, ensure_contiguous, interpreting, next_power_of_2, num_sms
+from .utils import cdiv, ensure_contiguous, interpreting, next_power_of_2, num_sms, tl, triton
 
 # ======================================================================================
 # constants
@@ -188,7 +197,7 @@ def _infonce_backward_dq_kernel(
     Q_ptr, Q_row_stride, K_ptr, K_row_stride, RK_ptr, SELF_ptr, POS_ptr, LSE_ptr, DQ_ptr,
     n_rows, n_keys, n_cols, keys_per_split, scale,
     NORM_Q: tl.constexpr, NORM_K: tl.constexpr, HAS_SELF: tl.constexpr, POS_IN_KEYS: tl.constexpr,
-    UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, SCALE_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program (row block, key split): partial Σ_j (P_ij − [j = pos_i]) k̂_j over its key chunk.
@@ -229,9 +238,13 @@ def _infonce_backward_dq_kernel(
         if POS_IN_KEYS:
             ds = ds - tl.where(cols[None, :] == pos_idx[:, None], 1.0, 0.0)
         if NORM_K:
-            # k̂ = k·rk in registers (scaling dS instead would push fp16 values into subnormals)
             rk = tl.load(RK_ptr + cols, mask=cols < key_end, other=0.0)
-            k = (k.to(tl.float32) * rk[:, None]).to(k.dtype)
+            if SCALE_TILE:
+                # fp16: k̂ = k·rk in registers; dS·rk would push fp16 values into subnormals
+                k = (k.to(tl.float32) * rk[:, None]).to(k.dtype)
+            else:
+                # bf16 / fp32 have fp32's range: scale the small dS tile, not the (BLOCK_N, C) k tile
+                ds = ds * rk[None, :]
         if FP32_PRECISION:
             acc += tl.dot(ds.to(k.dtype), k, input_precision="tf32x3")
         else:
@@ -245,7 +258,7 @@ def _infonce_backward_dk_kernel(
     Q_ptr, Q_row_stride, K_ptr, K_row_stride, RQ_ptr, RK_ptr, G_ptr, SELF_ptr, POS_ptr, LSE_ptr, DK_ptr,
     n_rows, n_keys, n_cols, rows_per_split, scale, g_scale,
     NORM_Q: tl.constexpr, NORM_K: tl.constexpr, HAS_SELF: tl.constexpr,
-    UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, SCALE_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program (key block, query split): partial Σ_i g_i·N (P_ij − [j = pos_i]) q̂_i for its keys.
@@ -294,11 +307,14 @@ def _infonce_backward_dk_kernel(
             valid = valid & (cols[:, None] != self_idx[None, :])
         p = tl.exp2(tl.where(valid, st - lse[None, :], float("-inf")))
         ds = (p - tl.where(cols[:, None] == pos_idx[None, :], 1.0, 0.0)) * g[None, :]
-        qh = (q.to(tl.float32) * rq[:, None]).to(q.dtype)
-        if FP32_PRECISION:
-            acc += tl.dot(ds.to(q.dtype), qh, input_precision="tf32x3")
+        if SCALE_TILE:
+            q = (q.to(tl.float32) * rq[:, None]).to(q.dtype)  # fp16: q̂ in registers (see the dq kernel)
         else:
-            acc += tl.dot(ds.to(q.dtype), qh)
+            ds = ds * rq[None, :]
+        if FP32_PRECISION:
+            acc += tl.dot(ds.to(q.dtype), q, input_precision="tf32x3")
+        else:
+            acc += tl.dot(ds.to(q.dtype), q)
     offs = pid_s.to(tl.int64) * n_keys * n_cols + cols[:, None] * n_cols + ccols[None, :]
     tl.store(DK_ptr + offs, acc, mask=kmask)
 
@@ -386,9 +402,18 @@ def _settings(C, dtype, device):
         bm, bn, nw = 64, 64, 8
     else:
         bm, bn, nw = 128, 64, 4 if dtype == torch.float32 else 8
-    if dtype == torch.float32:
-        bm = min(bm, 64)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=block_c, num_warps=nw, num_stages=2)
+    stages = 2
+    if dtype == torch.float32:  # 4-byte tiles (and tf32x3's split operands): stay under 228 KB smem
+        bm, bn, stages = min(bm, 64), min(bn, 32), 1
+        if block_c >= 256:
+            bm = 32
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=block_c, num_warps=nw, num_stages=stages)
+
+
+def _row_block(block_c):
+    """Rows per program of the row-wise combine/finalize kernels: (rows, BLOCK_C) fp32 tiles of 4096
+    elements, 16 registers per thread each at 8 warps, so the 3-4 live tiles do not spill."""
+    return 16 if interpreting() else max(2, 4096 // block_c)
 
 
 def _split(n_blocks, work_len, block, bytes_per_split, device):
@@ -438,11 +463,12 @@ def infonce_forward(q, keys, pos_keys, pos_index, self_index, temperature, norm_
     ppos = torch.empty_like(loss)
     pos_in_keys = pos_keys is None
     P = keys if pos_in_keys else pos_keys
-    _infonce_combine_kernel[(cdiv(N, min(BM, 64)),)](
+    cbm = _row_block(BC)
+    _infonce_combine_kernel[(cdiv(N, cbm),)](
         q, q.stride(0), P, P.stride(0), pos_index if pos_in_keys else q, m_part, l_part, loss, lse, ppos,
         N, C, n_split, scale,
         NORM_Q=norm_q, NORM_P=(norm_k if pos_in_keys else norm_p), POS_IN_KEYS=pos_in_keys,
-        BLOCK_M=min(BM, 64), BLOCK_C=BC, num_warps=4)
+        BLOCK_M=cbm, BLOCK_C=BC, num_warps=1 if interpreting() else 8)
     return loss, lse, ppos, rk
 
 
@@ -454,11 +480,12 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
     BM, BN, BC = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_C"]
     upcast = torch.bfloat16 in (q.dtype, keys.dtype) and interpreting()
     fp32 = q.dtype == torch.float32 and not interpreting()
+    scale_tile = q.dtype == torch.float16
     scale = LOG2E / temperature
     g = grad_loss.float().contiguous()
     has_self = self_index is not None
     pos_in_keys = pos_keys is None
-    fin_bm = min(BM, 32)
+    fin_bm = _row_block(BC)
     dq = dk = dp = None
     if need_dq or need_dp:
         n_split, part = 0, q
@@ -470,7 +497,7 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
                 q, q.stride(0), keys, keys.stride(0), rk, self_index if has_self else q,
                 pos_index if pos_in_keys else q, lse, part, N, M, C, per, scale,
                 NORM_Q=norm_q, NORM_K=norm_k, HAS_SELF=has_self, POS_IN_KEYS=pos_in_keys, UPCAST=upcast,
-                FP32_PRECISION=fp32, BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC,
+                FP32_PRECISION=fp32, SCALE_TILE=scale_tile, BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             dq = torch.empty_like(q)
         if need_dp:  # MoCo positive key, same launch: dp̂_i = c_i q̂_i
@@ -479,7 +506,7 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
             q, part, n_split, g, 1.0 / temperature, q if pos_in_keys else pos_keys, ppos, g,
             dq if need_dq else q, dp if need_dp else q, N, C, 1.0 / temperature,
             HAS_PART=need_dq, HAS_COEF=True, HAS_Y=not pos_in_keys, WRITE_DX=need_dq, WRITE_DY=need_dp,
-            NORM_X=norm_q, NORM_Y=norm_p, BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=4)
+            NORM_X=norm_q, NORM_Y=norm_p, BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=1 if interpreting() else 8)
         del part
     if need_dk:
         rq = _inv_norms(q) if norm_q else q
@@ -490,12 +517,13 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
             q, q.stride(0), keys, keys.stride(0), rq, rk, g, self_index if has_self else q, pos_index, lse, part,
             N, M, C, per, scale, float(N),
             NORM_Q=norm_q, NORM_K=norm_k, HAS_SELF=has_self, UPCAST=upcast, FP32_PRECISION=fp32,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            SCALE_TILE=scale_tile, BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
         dk = torch.empty_like(keys)
         _infonce_finalize_kernel[(cdiv(M, fin_bm),)](
             keys, part, n_split, g, 1.0 / (N * temperature), keys, ppos, g, dk, dk, M, C, 0.0,
             HAS_PART=True, HAS_COEF=False, HAS_Y=False, WRITE_DX=True, WRITE_DY=False,
-            NORM_X=norm_k, NORM_Y=False, BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=4)
+            NORM_X=norm_k, NORM_Y=False, BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=1 if interpreting() else 8)
     return dq, dk, dp
 
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from . import use_triton
-from .utils import cdiv, interpreting, next_power_of_2
+from .utils import cdiv, interpreting, next_power_of_2, tl, triton
 
 # ======================================================================================
 # kernels

@@ -15,11 +15,9 @@ SwAV's initial division by ΣQ is a scalar that the first prototype normalizatio
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import use_triton
-from .utils import cdiv, interpreting
+from .utils import cdiv, interpreting, tl, triton
 
 LOG2E = 1.4426950408889634  # exp(x/eps) = exp2(x · log2(e)/eps)
 

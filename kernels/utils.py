@@ -11,6 +11,25 @@ import os
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch references still work, kernels are never launched
+    class _TritonStub:
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    class _LanguageStub:
+        @staticmethod
+        def constexpr(value=None):
+            return value
+
+        def __getattr__(self, name):
+            return None
+
+    triton, tl = _TritonStub(), _LanguageStub()
+
 MAX_FUSED_SIZE = 65536  # largest row one program keeps in registers (Liger uses the same cap)
 
 
