@@ -53,6 +53,15 @@ def test_sinkhorn_all_reduce_hook(backend):
     assert len(calls) >= 3  # one per iteration at least
 
 
+def test_sinkhorn_large_scores_shift(backend):
+    """Scores near 5 overflow exp(s/0.05) = e^100 in fp32 unshifted; the default max shift cancels exactly."""
+    scores = 5 + 0.5 * torch.randn(8, 30).tanh()
+    q = sinkhorn(scores)
+    ref = ref_sinkhorn(scores)  # float64 does not overflow at exp(200)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.double(), ref, rtol=1e-4, atol=1e-7)
+
+
 def test_backends_agree():
     s = torch.randn(9, 33).tanh()
     old = K.get_backend()
