@@ -50,7 +50,7 @@ def test_dino_loss(backend, dtype, rtol, atol, B, Kd, ncrops):
     assert loss.dim() == 0 and bc.shape == (1, Kd)
     torch.testing.assert_close(loss.double(), rl, rtol=rtol, atol=atol)
     torch.testing.assert_close(bc.double(), rbc, rtol=rtol, atol=atol)
-    gout = torch.tensor(1.3)
+    gout = torch.tensor(1.3, device=DEV)
     (loss * gout.to(loss)).backward()
     (rl * gout.double()).backward()
     torch.testing.assert_close(s1.grad.double(), s2.grad.double(), rtol=rtol, atol=atol)
@@ -58,18 +58,18 @@ def test_dino_loss(backend, dtype, rtol, atol, B, Kd, ncrops):
 
 def test_dino_loss_one_global_and_only_globals(backend):
     B, Kd = 2, 16
-    s = torch.randn(2 * B, Kd, requires_grad=True)
-    t = torch.randn(2 * B, Kd)
-    c = torch.zeros(1, Kd)
+    s = torch.randn(2 * B, Kd, device=DEV, requires_grad=True)
+    t = torch.randn(2 * B, Kd, device=DEV)
+    c = torch.zeros(1, Kd, device=DEV)
     loss, _ = dino_loss(s, t, c, 0.1, 0.07)  # 2 student crops = the 2 globals: 2 pairs
     rl, _ = ref_dino(s, t, c, 0.1, 0.07, 2)
     torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-6)
 
 
 def test_backends_agree():
-    s = torch.randn(10, 40)
-    t = torch.randn(4, 40)
-    c = torch.randn(1, 40)
+    s = torch.randn(10, 40, device=DEV)
+    t = torch.randn(4, 40, device=DEV)
+    c = torch.randn(1, 40, device=DEV)
     old = K.get_backend()
     try:
         K.set_backend("torch")

@@ -55,8 +55,8 @@ def test_ema_updater_modules(backend, copy_buffers):
 
 
 def test_ema_updater_mixed_dtypes(backend):
-    online = torch.nn.ModuleList([torch.nn.Linear(4, 3), torch.nn.Linear(3, 2).half()])
-    target = torch.nn.ModuleList([torch.nn.Linear(4, 3), torch.nn.Linear(3, 2).half()])
+    online = torch.nn.ModuleList([torch.nn.Linear(4, 3), torch.nn.Linear(3, 2).half()]).to(DEV)
+    target = torch.nn.ModuleList([torch.nn.Linear(4, 3), torch.nn.Linear(3, 2).half()]).to(DEV)
     expected = [0.8 * t.detach().double() + 0.2 * o.detach().double()
                 for t, o in zip(target.parameters(), online.parameters())]
     EMAUpdater(online, target).update(0.8)
@@ -65,10 +65,10 @@ def test_ema_updater_mixed_dtypes(backend):
 
 
 def test_ema_updater_rebuilds_after_pointer_change(backend):
-    online, target = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+    online, target = torch.nn.Linear(6, 5).to(DEV), torch.nn.Linear(6, 5).to(DEV)
     upd = EMAUpdater(online, target)
     upd.update(0.5)
-    online.weight.data = torch.randn(5, 6)  # new storage: the pointer tables must follow it
+    online.weight.data = torch.randn(5, 6, device=DEV)  # new storage: the pointer tables must follow it
     expected = 0.5 * target.weight.detach().double() + 0.5 * online.weight.detach().double()
     upd.update(0.5)
     torch.testing.assert_close(target.weight.detach().double(), expected, atol=1e-6, rtol=0)

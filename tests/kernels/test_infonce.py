@@ -99,8 +99,8 @@ def test_moco_mixed_dtypes(backend):
 
 def test_moco_no_normalize_and_no_key_grad(backend):
     q1, q2 = _leaves((9, 16), torch.float32, 4)
-    k = torch.randn(9, 16)
-    queue = F.normalize(torch.randn(40, 16), dim=1)
+    k = torch.randn(9, 16, device=DEV)
+    queue = F.normalize(torch.randn(40, 16, device=DEV), dim=1)
     out = moco_infonce(q1, k, queue, 0.07, normalize=False)
     ref = ref_moco(q2, k, queue, 0.07, normalize=False)
     assert_verbose_allclose(out, ref, 1e-4, 1e-5, "loss")
@@ -141,8 +141,8 @@ def test_ntxent_ddp_layout_matches_single_device(backend):
     """Two simulated ranks: the mean of the per-rank losses over the gathered rows equals the
     single-device loss on the global batch, and with a differentiable gather the grads match too."""
     n, c, world = 5, 12, 2
-    z1s = [torch.randn(n, c, requires_grad=True) for _ in range(world)]
-    z2s = [torch.randn(n, c, requires_grad=True) for _ in range(world)]
+    z1s = [torch.randn(n, c, device=DEV, requires_grad=True) for _ in range(world)]
+    z2s = [torch.randn(n, c, device=DEV, requires_grad=True) for _ in range(world)]
     z_all = torch.cat([torch.cat([z1s[r], z2s[r]]) for r in range(world)])
     losses = [ntxent(z1s[r], z2s[r], 0.3, z_all=z_all, offset=r * 2 * n) for r in range(world)]
     total = sum(losses) / world
@@ -169,15 +169,15 @@ def test_closed_form_uniform():
 
 
 def test_backends_agree():
-    q = torch.randn(10, 24)
-    k = torch.randn(30, 24)
+    q = torch.randn(10, 24, device=DEV)
+    k = torch.randn(30, 24, device=DEV)
     old = K.get_backend()
     try:
         K.set_backend("torch")
         a = inbatch_infonce(q, k, 0.1, pos_offset=10)
         K.set_backend("triton")
         b = inbatch_infonce(q, k, 0.1, pos_offset=10)
-        per_row = K.contrastive_lse(q.requires_grad_(), k, 0.1, pos_index=torch.arange(10) + 10)
+        per_row = K.contrastive_lse(q.requires_grad_(), k, 0.1, pos_index=torch.arange(10, device=DEV) + 10)
         assert type(per_row.grad_fn).__name__ == "ContrastiveLSEFunctionBackward"  # really ran Triton
     finally:
         K.set_backend(old)

@@ -34,9 +34,9 @@ def test_wraparound_non_dividing_batch(backend, dtype, atol):
 
 def test_full_size_batch_and_no_normalize(backend):
     size, dim = 7, 5  # weird shapes
-    q = KeyQueue(dim, size, normalize=False)
-    q.enqueue(torch.randn(3, dim))
-    b = torch.randn(7, dim)
+    q = KeyQueue(dim, size, normalize=False).to(DEV)
+    q.enqueue(torch.randn(3, dim, device=DEV))
+    b = torch.randn(7, dim, device=DEV)
     q.enqueue(b)  # whole queue, starting at slot 3
     expected = torch.cat([b[4:], b[:4]])
     torch.testing.assert_close(q.queue, expected)
@@ -46,9 +46,9 @@ def test_full_size_batch_and_no_normalize(backend):
 def test_backends_agree():
     import fastcl.kernels as K
 
-    a, b = KeyQueue(24, 40), KeyQueue(24, 40)
+    a, b = KeyQueue(24, 40).to(DEV), KeyQueue(24, 40).to(DEV)
     b.load_state_dict(a.state_dict())
-    x = torch.randn(29, 24) * 4
+    x = torch.randn(29, 24, device=DEV) * 4
     old = K.get_backend()
     try:
         K.set_backend("torch")
@@ -69,11 +69,11 @@ def test_too_large_batch_raises():
 
 
 def test_state_dict_roundtrip(backend):
-    a = KeyQueue(8, 12)
-    a.enqueue(torch.randn(5, 8))
-    b = KeyQueue(8, 12)
+    a = KeyQueue(8, 12).to(DEV)
+    a.enqueue(torch.randn(5, 8, device=DEV))
+    b = KeyQueue(8, 12).to(DEV)
     b.load_state_dict(a.state_dict())
-    x = torch.randn(9, 8)
+    x = torch.randn(9, 8, device=DEV)
     a.enqueue(x)
     b.enqueue(x)
     torch.testing.assert_close(a.queue, b.queue)

@@ -40,7 +40,7 @@ def test_sinkhorn(backend, dtype, rtol, B, Kp):
 
 def test_sinkhorn_all_reduce_hook(backend):
     """Two simulated ranks: a hook that doubles the prototype sums = two identical ranks."""
-    scores = torch.randn(6, 20).tanh()
+    scores = torch.randn(6, 20, device=DEV).tanh()
     calls = []
 
     def fake_all_reduce(t):  # both ranks hold the same local scores
@@ -55,7 +55,7 @@ def test_sinkhorn_all_reduce_hook(backend):
 
 def test_sinkhorn_large_scores_shift(backend):
     """Scores near 5 overflow exp(s/0.05) = e^100 in fp32 unshifted; the default max shift cancels exactly."""
-    scores = 5 + 0.5 * torch.randn(8, 30).tanh()
+    scores = 5 + 0.5 * torch.randn(8, 30, device=DEV).tanh()
     q = sinkhorn(scores)
     ref = ref_sinkhorn(scores)  # float64 does not overflow at exp(200)
     assert torch.isfinite(q).all()
@@ -63,7 +63,7 @@ def test_sinkhorn_large_scores_shift(backend):
 
 
 def test_backends_agree():
-    s = torch.randn(9, 33).tanh()
+    s = torch.randn(9, 33, device=DEV).tanh()
     old = K.get_backend()
     try:
         K.set_backend("torch")
