@@ -83,8 +83,8 @@ def test_recipe_runs_on_cifar10_and_loss_falls(tmp_path):
         recipe = load_recipe("invaspread_r18")
         res = recipe.main(
             ["--max-steps", str(n), "--batch-size", "16", "--no-knn", "--out", str(tmp_path), "--workers", "0",
-             "--data-backend", "torch", "--crop-size", "8", "--log-every", "1", "--train-samples", "32",
-             "--epochs", str(n), "--lr", "2", "--lr-schedule", "cos"])
+             "--data-backend", "torch", "--crop-size", "8", "--log-every", "1", "--train-samples", "16",
+             "--epochs", str(n), "--lr", "4", "--lr-schedule", "cos"])  # one fixed batch of 16 images, repeated
     finally:
         torch.set_num_threads(threads)
     losses = log_losses(tmp_path)
