@@ -88,7 +88,8 @@ class _PointerTable:
 
 
 def _ptr_key(targets, onlines):
-    return tuple(t.data_ptr() for t in targets) + tuple(o.data_ptr() for o in onlines)
+    # sizes too: a freed tensor's address can be reused by one of another size
+    return (tuple((t.data_ptr(), t.numel()) for t in targets), tuple(o.data_ptr() for o in onlines))
 
 
 def _group(target_params, online_params):
