@@ -30,6 +30,7 @@ main process's global torch RNG.
 """
 from __future__ import annotations
 
+import gc
 from typing import Iterator
 
 import numpy as np
@@ -134,5 +135,9 @@ class TorchLoader:
         self.start_batch = 0
         # Worker base seed = first draw from this generator: distinct per (seed, epoch, rank).
         self._generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank)
+        if self._loader.num_workers > 0:
+            # Forked workers inherit the parent's uncollected garbage; a DALI pipeline among it (e.g. from an
+            # earlier DaliLoader) deadlocks in __del__ when the child's GC frees it (its threads are gone).
+            gc.collect()
         for x, labels, indices in self._loader:
             yield x, labels, indices

@@ -96,3 +96,39 @@ def test_bad_arguments():
     assert len(TorchLoader(ds, 4, world_size=3, rank=2, drop_last=False, num_workers=0)) == 1
     with pytest.raises(ValueError, match="start_batch"):
         TorchLoader(ds, 2, num_workers=0).set_epoch(0, start_batch=99)
+
+
+class _CollectingDataset(ArrayDataset):
+    """Runs the garbage collector inside the worker, as a long epoch eventually does."""
+
+    def __getitem__(self, i):
+        import gc
+
+        gc.collect()
+        return super().__getitem__(i)
+
+
+@pytest.mark.timeout(120)
+def test_workers_do_not_inherit_dali_garbage():
+    """A DALI pipeline left as cyclic garbage (an earlier DaliLoader) must not be freed inside a forked worker:
+    its __del__ waits there for threads that were not forked, and the epoch hangs."""
+    dali = pytest.importorskip("nvidia.dali")
+    import gc
+
+    @dali.pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def pipe():
+        return dali.fn.random.uniform(range=[0.0, 1.0], shape=[2])
+
+    gc.disable()  # keep the cycle uncollected until the loader forks, whatever the GC thresholds
+    try:
+        p = pipe()
+        p.build()
+        p.run()
+        holder = {"pipe": p}
+        holder["self"] = holder  # a reference cycle: only the cyclic GC frees it
+        del p, holder
+        images = np.zeros((6, 4, 4, 3), np.uint8)
+        ld = TorchLoader(_CollectingDataset(images, np.arange(6)), 2, shuffle=False, num_workers=2)
+        assert sorted(i for _, _, idx in ld for i in idx.tolist()) == list(range(6))
+    finally:
+        gc.enable()

@@ -122,7 +122,7 @@ def test_imagenet_preset_is_the_papers():
 
 def test_recipe_runs_on_cifar10_loss_falls_no_collapse(tmp_path):
     torch.manual_seed(0)
-    n, dim = 8, 64
+    n, dim = 6, 64
     res = recipe.main(["--max-steps", str(n), "--batch-size", "8", "--no-knn", "--out", str(tmp_path),
                        "--workers", "0", "--data-backend", "torch", "--crop-size", "16", "--proj-hidden", "256",
                        "--pred-hidden", "256", "--dim", str(dim), "--lr", "4.0", "--log-every", "1",

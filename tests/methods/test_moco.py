@@ -1,6 +1,7 @@
 """MoCo v2: the loss is the paper's InfoNCE, the key encoder moves only by EMA, the queue is a ring buffer,
 and the recipe trains on real CIFAR-10."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -78,26 +79,62 @@ def test_bad_hyperparameters_name_themselves():
         _tiny_moco(m=1.5)
 
 
+def _real_cifar_views(n, size=16, seed=0):
+    from fastcl.data import augment
+    from fastcl.data.cifar10 import load_cifar10
+    from fastcl.data.transforms import MultiViewTransform
+
+    images, _ = load_cifar10(split="train")
+    tf = MultiViewTransform(augment.mocov2_aug_plus(size, augment.CIFAR10_MEAN, augment.CIFAR10_STD, blur_p=0))
+    torch.manual_seed(seed)
+    views = [tf(torch.from_numpy(images[i]).permute(2, 0, 1)) for i in range(n)]
+    return torch.stack([a for a, _ in views]), torch.stack([b for _, b in views])
+
+
+def test_loss_falls_on_real_cifar10_batches():
+    """Gradients, EMA and loss wired together: on a fixed real batch against a fixed queue of real keys the
+    InfoNCE must fall quickly. (The queue is held fixed: refilling it with the same images' keys would make
+    them false negatives.)"""
+    from fastcl.models import build_backbone
+
+    torch.manual_seed(0)
+    net, d = build_backbone("resnet18_cifar")
+    moco = MoCo(net, d, K=64, m=0.99, T=0.2, bn_splits=4)
+    x1, x2 = _real_cifar_views(16 + 64)
+    with torch.no_grad():  # negatives: keys of 64 other real images
+        moco.queue.queue.copy_(moco._keys(x2[16:]))
+    opt = torch.optim.SGD([p for p in moco.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    losses = []
+    for i in range(12):
+        loss = moco([x1[:16], x2[:16]], _step(i, m=0.99))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        moco.ema.update(0.99)
+        losses.append(loss.item())
+    early, late = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert all(map(math.isfinite, losses)) and late < early - 0.5, losses  # 4.0 -> 2.9 here
+
+
 @pytest.mark.slow
-def test_recipe_trains_on_real_cifar10_and_loss_falls(tmp_path):
+def test_recipe_runs_end_to_end_on_real_cifar10(tmp_path):
     import mocov2_r50
 
-    argv = ["--max-steps", "24", "--batch-size", "16", "--queue-size", "32", "--crop-size", "16", "--lr", "6",
-            "--moco-m", "0.99", "--no-knn", "--workers", "0", "--data-backend", "torch", "--out", str(tmp_path),
-            "--log-every", "1", "--ckpt-every", "0"]
+    argv = ["--max-steps", "6", "--batch-size", "16", "--queue-size", "40", "--crop-size", "16",
+            "--no-knn", "--workers", "0", "--data-backend", "torch", "--out", str(tmp_path), "--log-every", "1",
+            "--ckpt-every", "0"]
     mocov2_r50.main(argv)
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "log.jsonl")]
-    assert len(losses) == 24 and all(map(lambda v: v == v and abs(v) < 1e3, losses))
-    # The first steps contrast against the random initial queue; once real keys fill it (2 steps) the loss
-    # sits at ~log(K+1) and must fall from there as the encoder learns.
-    early, late = sum(losses[2:8]) / 6, sum(losses[-6:]) / 6
-    assert late < early - 0.1, (early, late)
+    assert len(losses) == 6 and all(0 < v < 10 for v in losses)  # finite, and below log(K+1)+margin
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
-    assert ckpt["position"]["step"] == 24 and "queue.queue" in ckpt["model"] and "queue.ptr" in ckpt["model"]
+    assert ckpt["position"]["step"] == 6
+    assert int(ckpt["model"]["queue.ptr"]) == 6 * 16 % 40  # one enqueue of the batch's keys per step
+    assert ckpt["args"]["arch"] == "resnet18_cifar"
     sd = torch.load(tmp_path / "backbone.pth")["backbone"]
     import torchvision
 
     net = torchvision.models.resnet18()
     net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
     missing, unexpected = net.load_state_dict(sd, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
