@@ -1,6 +1,5 @@
 """BYOL: loss vs the paper's formula (float64), the target network moves only by EMA with the scheduled
 τ, hyperparameter checks, and a short run of the recipe on real CIFAR-10 (loss falls, no collapse)."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,19 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fastcl.engine  # noqa: F401  (engine before methods: fastcl.methods alone hits an import cycle)
 from fastcl.methods.base import Step
 from fastcl.methods.byol import BYOL, collapse_std
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from recipe_loader import load_recipe
 
 recipe = load_recipe("byol_r50")
 

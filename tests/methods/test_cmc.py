@@ -1,7 +1,6 @@
 """CMC (fastcl.methods.cmc + recipes/cmc_r50.py): the Lab views, the loss against a float64 transcription
 of the paper's eq. 2 (both directions), the memory-bank update, the half-width encoders, the lr steps, and
 a short run on real CIFAR-10."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,19 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fastcl.engine  # noqa: F401  (engine before methods: fastcl.methods alone hits an import cycle)
 from fastcl.methods.base import Step
 from fastcl.methods.cmc import CMC, LAB_MEAN, LAB_STD, half_width_resnet, rgb_to_lab
+from recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 recipe = load_recipe("cmc_r50")

@@ -1,29 +1,17 @@
 """CPC v2 (fastcl.methods.cpc + recipes/cpcv2_r50.py): the patch grid, the row-causal context network, the
 loss against a float64 transcription of the InfoNCE over patches, layer norm in the encoder, and a short
 run on real CIFAR-10."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-import fastcl.engine  # noqa: F401  (engine before methods: fastcl.methods alone hits an import cycle)
 from fastcl.methods.base import Step
 from fastcl.methods.cpc import CPC, ContextNetwork, bn_to_layernorm, patchify
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from recipe_loader import load_recipe
 
 recipe = load_recipe("cpcv2_r50")
 

@@ -2,29 +2,17 @@
 paper's eq. 3, the teacher moving only by EMA, the frozen last layer in epoch 0, the center update, the
 schedules, per-parameter clipping, multi-crop grouping, and a short run on real CIFAR-10 (loss falls, no
 collapse)."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-import fastcl.engine  # noqa: F401  (engine before methods: fastcl.methods alone hits an import cycle)
 from fastcl.methods.base import Step
 from fastcl.methods.dino import DINO, DINOHead, multicrop_forward
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from recipe_loader import load_recipe
 
 recipe = load_recipe("dino_vits8")
 

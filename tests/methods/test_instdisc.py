@@ -1,6 +1,5 @@
 """InstDisc: NCE + proximal term vs the paper's formula, Z estimated once, the memory bank update
 (momentum 0.5, only the batch's rows), the step lr, and a short run of the recipe on real CIFAR-10."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,16 +11,7 @@ import torch.nn as nn
 
 from fastcl.methods.base import Step
 from fastcl.methods.instdisc import InstDisc, nce_loss
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from recipe_loader import load_recipe
 
 def log_losses(out_dir):
     return [r["loss"] for r in map(json.loads, (Path(out_dir) / "log.jsonl").read_text().splitlines()) if "loss" in r]

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fastcl.methods import Step
 from fastcl.methods.moco import MoCo

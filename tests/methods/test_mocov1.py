@@ -1,6 +1,5 @@
 """MoCo v1 recipe (MoCo with a linear head, T=0.07, the paper's step lr): loss vs the paper's formula,
 key encoder moves only by EMA, queue, lr schedule, and a short run on real CIFAR-10."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,16 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastcl.methods.base import Step
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from recipe_loader import load_recipe
 
 recipe = load_recipe("mocov1_r50")
 

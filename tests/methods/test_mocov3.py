@@ -1,6 +1,5 @@
 """MoCo v3: the symmetric 2τ·InfoNCE vs the paper's formula, frozen patch projection, momentum encoder
 moving only by the cosine-scheduled EMA, heads, and short runs of both recipes on real CIFAR-10."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,16 +12,7 @@ import torch.nn as nn
 from fastcl.methods.base import Step
 from fastcl.methods.mocov3 import MoCoV3, vit_init_
 from fastcl.models import build_backbone
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from recipe_loader import load_recipe
 
 def log_losses(out_dir):
     return [r["loss"] for r in map(json.loads, (Path(out_dir) / "log.jsonl").read_text().splitlines()) if "loss" in r]

@@ -1,6 +1,5 @@
 """SimCLR v1/v2: NT-Xent vs the paper's formula (with and without the v2 memory), heads, momentum encoder,
 fine-tuning head, and short runs of both recipes on real CIFAR-10."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,16 +12,7 @@ import torch.nn.functional as F
 
 from fastcl.methods.base import Step
 from fastcl.methods.simclr import SimCLR
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from recipe_loader import load_recipe
 
 def log_losses(out_dir):
     return [r["loss"] for r in map(json.loads, (Path(out_dir) / "log.jsonl").read_text().splitlines()) if "loss" in r]

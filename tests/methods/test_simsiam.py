@@ -1,7 +1,6 @@
 """SimSiam: loss vs the paper's Algorithm 1 (float64), the stop-gradient, the predictor's fixed lr and
 decay on every parameter, the heads' shapes, hyperparameter checks, and a short run of the recipe on
 real CIFAR-10 (loss falls, no collapse)."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,21 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fastcl.engine  # noqa: F401  (engine before methods: fastcl.methods alone hits an import cycle)
 from fastcl.engine import TrainConfig, Trainer
 from fastcl.engine.distributed import DistInfo
 from fastcl.methods.base import Step
 from fastcl.methods.simsiam import SimSiam
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from recipe_loader import load_recipe
 
 recipe = load_recipe("simsiam_r50")
 STEP = Step(0, 0, 1, 1, {"lr": 0.1})

@@ -1,11 +1,9 @@
 """SwAV: Sinkhorn-Knopp vs a literal float64 transcription of the paper's Algorithm 1, its marginals and
 its all-reduced (multi-rank) form; the swapped-prediction loss vs the paper's formula (float64); the
 queue; prototypes normalized and frozen; hyperparameter checks; a short run on real CIFAR-10."""
-import importlib.util
 import json
 import math
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,20 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fastcl.engine  # noqa: F401  (engine before methods: fastcl.methods alone hits an import cycle)
 from fastcl.methods import sinkhorn as sk
 from fastcl.methods.base import Step
 from fastcl.methods.swav import SwAV
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from recipe_loader import load_recipe
 
 recipe = load_recipe("swav_r50")
 
