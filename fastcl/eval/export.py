@@ -20,8 +20,8 @@ Output (``--format fastcl``, the default): ``{"backbone": sd, "arch": name}``; `
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
     # resnet*_cifar: first net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False); net.maxpool = nn.Identity()
 
-    # ViTs: strict (the head is absent on both sides). A ViT trained at another resolution needs
-    # img_size=<that size> (the pos_embed grid); reference_model() reads it off the weights.
+    # ViTs: strict (the head is absent on both sides). A ViT trained at another resolution or patch size
+    # needs img_size=<that size>, patch_size=<that patch>; reference_model() reads both off the weights.
     net = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False)
     net.load_state_dict(torch.load("vits16.pth"))
 
@@ -84,15 +84,24 @@ def backbone_state_dict(ckpt: Mapping, source: str = "checkpoint") -> tuple[dict
 
     Raises:
         ValueError naming ``source`` when the dict has neither ``"backbone"`` nor ``"model"`` and is not a
-        bare state_dict, or when ``"model"`` holds no ``backbone.*`` keys.
+        bare state_dict, or when ``"model"`` holds no backbone keys (under ``"backbone_prefix"``, default
+        ``backbone.`` or DINO's ``teacher_backbone.``).
     """
     if "backbone" in ckpt and isinstance(ckpt["backbone"], Mapping):
         sd = ckpt["backbone"]
     elif "model" in ckpt and isinstance(ckpt["model"], Mapping):
         model = {_clean_key(k): v for k, v in ckpt["model"].items()}
-        sd = {k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}
+        # The trainer records where the method keeps its backbone (DINO: the teacher's, "teacher_backbone.");
+        # older checkpoints lack the key and use "backbone." or DINO's teacher.
+        prefixes = [ckpt["backbone_prefix"]] if ckpt.get("backbone_prefix") else ["backbone.", "teacher_backbone."]
+        sd = {}
+        for prefix in prefixes:
+            sd = {k.removeprefix(prefix): v for k, v in model.items() if k.startswith(prefix)}
+            if sd:
+                break
         if not sd:
-            raise ValueError(f"{source}: 'model' has no 'backbone.*' keys (found e.g. {sorted(model)[:3]})")
+            raise ValueError(f"{source}: 'model' has no {' or '.join(f'{p}*' for p in prefixes)} keys "
+                             f"(found e.g. {sorted(model)[:3]})")
     elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         sd = ckpt  # a bare state_dict (--format torchvision / timm)
     else:
@@ -109,8 +118,8 @@ def reference_model(arch: str, sd: Mapping[str, torch.Tensor] | None = None) -> 
     """The public model an exported backbone loads into (the recipe in the module docstring).
 
     ``resnet*``: ``torchvision.models.<arch>()`` (with the 3x3 stem / no max-pool for ``*_cifar``);
-    ViTs: ``timm.create_model(arch, num_classes=0, pretrained=False)``, with ``img_size`` read off
-    ``sd["pos_embed"]`` when it was trained at another resolution.
+    ViTs: ``timm.create_model(arch, num_classes=0, pretrained=False)``, with ``img_size`` and ``patch_size``
+    read off ``sd["pos_embed"]`` and ``sd["patch_embed.proj.weight"]`` (other resolutions, CIFAR patches).
     """
     if _is_resnet(arch):
         import torchvision
@@ -133,6 +142,7 @@ def reference_model(arch: str, sd: Mapping[str, torch.Tensor] | None = None) -> 
         grid = math.isqrt(sd["pos_embed"].shape[1] - 1)  # minus the class token
         if grid * grid == sd["pos_embed"].shape[1] - 1:
             kw["img_size"] = grid * patch
+        kw["patch_size"] = patch  # the CIFAR presets train e.g. vit_small_patch8_224 with 4px patches
     return timm.create_model(arch, num_classes=0, pretrained=False, **kw)
 
 

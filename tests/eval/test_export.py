@@ -99,6 +99,25 @@ def test_vit_other_resolution():
     torch.testing.assert_close(load_into_reference(obj, arch).eval()(x), vit(x), rtol=0, atol=0)
 
 
+def test_dino_checkpoint_exports_the_teacher(tmp_path):
+    """DINO evaluates (and so exports) its teacher, kept under "teacher_backbone.", not "backbone."."""
+    from fastcl.methods.dino import DINO
+    from fastcl.models import build_backbone
+
+    arch = "vit_tiny_patch16_224"
+    torch.manual_seed(0)
+    student, dim = build_backbone(arch, img_size=32, patch_size=8)
+    dino = DINO(student, dim, out_dim=16, hidden_dim=8, bottleneck_dim=4)
+    with torch.no_grad():  # a teacher that differs from the student, so exporting the wrong one shows
+        for p in dino.teacher_backbone.parameters():
+            p.add_(0.01)
+    for extra in ({}, {"backbone_prefix": "teacher_backbone."}):  # old checkpoints, and ones naming the prefix
+        obj = export_backbone({"model": dino.state_dict(), "args": {"arch": arch}, **extra}, fmt="fastcl")
+        assert set(obj["backbone"]) == set(dino.teacher_backbone.state_dict())
+        for k, v in dino.teacher_backbone.state_dict().items():
+            assert torch.equal(obj["backbone"][k], v), k
+
+
 def test_errors_name_the_file(tmp_path, capsys):
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth"):
