@@ -24,7 +24,7 @@ from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, warmup_epochs=0, optimizer="sgd",
-                     wd=1e-4, clip_grad=0.0, knn_every=0, queue_size=65536, bn_splits=1, lr_schedule="step"),
+                     wd=1e-4, clip_grad=0.0, knn_every=0, queue_size=65536, bn_splits=8, lr_schedule="step"),
     # MoCo's CIFAR demo setting: ResNet-18 (3x3 stem), K=4096, split BN 8, wd 5e-4, 32x32 crops
     "cifar": dict(arch="resnet18_cifar", epochs=200, batch_size=512, lr=0.03, warmup_epochs=0,
                   optimizer="sgd", wd=5e-4, clip_grad=0.0, knn_every=10, queue_size=4096, bn_splits=8,
@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--moco-m", type=float, default=0.999, help="key-encoder momentum (default: 0.999)")
     g.add_argument("--moco-t", type=float, default=0.07, help="softmax temperature (default: 0.07)")
     g.add_argument("--bn-splits", type=int, default=None,
-                   help="split-BN sub-batches on a single device (shuffle-BN stand-in; default: 8 / 1 on ImageNet)")
+                   help="split-BN sub-batches on a single device (shuffle-BN stand-in; default: 8; DDP shuffles instead)")
     g.add_argument("--lr-schedule", default=None, choices=["step", "cos"],
                    help="step: x0.1 at 60%% and 80%% of training (epochs 120/160 of 200, the paper); "
                         "cos: the engine's cosine (default: step)")

@@ -20,7 +20,7 @@ from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, warmup_epochs=0, optimizer="sgd",
-                     wd=1e-4, clip_grad=0.0, knn_every=0, queue_size=65536, bn_splits=1),
+                     wd=1e-4, clip_grad=0.0, knn_every=0, queue_size=65536, bn_splits=8),
     # MoCo's CIFAR demo: ResNet-18 (3x3 stem), K=4096, lr 0.06 at batch 512, wd 5e-4, split BN 8, no blur
     # on 32x32 images
     "cifar": dict(arch="resnet18_cifar", epochs=200, batch_size=512, lr=0.03, warmup_epochs=0,
@@ -36,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--moco-m", type=float, default=0.999, help="key-encoder momentum (default: 0.999)")
     g.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature (default: 0.2)")
     g.add_argument("--bn-splits", type=int, default=None,
-                   help="split-BN sub-batches on a single device (shuffle-BN stand-in; default: 8 / 1 on ImageNet)")
+                   help="split-BN sub-batches on a single device (shuffle-BN stand-in; default: 8; DDP shuffles instead)")
     g.add_argument("--symmetric", action="store_true", help="symmetric loss (MoCo CIFAR demo option)")
     g.add_argument("--crop-size", type=int, default=None, help="view size (default: 224 / 32 on CIFAR-10)")
     return p

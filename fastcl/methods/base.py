@@ -39,6 +39,7 @@ class Method(nn.Module):
 
     backbone: nn.Module
     needs_indices: bool = False  # True: the engine puts the batch's dataset indices in step.indices
+    decay_bias_and_norm: bool = False  # True: weight decay on every parameter (the official code's plain SGD)
 
     def forward(self, views: list[torch.Tensor], step: Step) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -48,11 +49,12 @@ class Method(nn.Module):
         return {}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer groups; default: everything trainable, no decay / no LARS on biases and norms.
+        """Optimizer groups; default: everything trainable, no decay / no LARS on biases and norms
+        (SimCLR, BYOL, DINO), or decay on all of them with ``decay_bias_and_norm`` (MoCo, InstDisc, ...).
         A group may set ``fixed_lr=True`` to keep its base lr (SimSiam's predictor)."""
         from ..engine.optim import param_groups  # (the engine imports this module: no top-level import)
 
-        return param_groups(self, weight_decay)
+        return param_groups(self, weight_decay, exclude_bias_and_norm=not self.decay_bias_and_norm)
 
     def before_optimizer_step(self, step: Step) -> None:
         pass

@@ -145,6 +145,7 @@ class CMC(Method):
     >>> cmc = CMC(l, ab, d, num_samples=50000, mean=(0.5,) * 3, std=(0.25,) * 3)
     """
 
+    decay_bias_and_norm = True  # HobbitLong/CMC train_CMC.py: SGD(model.parameters(), weight_decay=...)
     needs_indices = True
 
     def __init__(self, enc_l: nn.Module, enc_ab: nn.Module, feat_dim: int, num_samples: int, mean, std,

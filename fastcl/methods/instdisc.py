@@ -57,6 +57,7 @@ class InstDisc(Method):
     >>> net, d = build_backbone("resnet18_cifar"); instdisc = InstDisc(net, d, num_samples=50000, T=0.1)
     """
 
+    decay_bias_and_norm = True  # lemniscate.pytorch main.py: SGD(model.parameters(), weight_decay=...)
     needs_indices = True
 
     def __init__(self, backbone: nn.Module, feat_dim: int, num_samples: int, dim: int = 128, K: int = 4096,

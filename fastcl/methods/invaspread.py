@@ -61,6 +61,8 @@ class InvaSpread(Method):
     >>> net, d = build_backbone("resnet18_cifar"); invaspread = InvaSpread(net, d)
     """
 
+    decay_bias_and_norm = True  # the official code: SGD(net.parameters(), weight_decay=5e-4)
+
     def __init__(self, backbone: nn.Module, feat_dim: int, dim: int = 128, T: float = 0.1,
                  stop_grad_keys: bool = True):
         super().__init__()

@@ -43,6 +43,8 @@ class MoCo(Method):
     >>> net, d = build_backbone("resnet18_cifar"); moco = MoCo(net, d, K=4096)
     """
 
+    decay_bias_and_norm = True  # facebookresearch/moco main_moco.py: SGD(model.parameters(), weight_decay=...)
+
     def __init__(self, backbone: nn.Module, feat_dim: int, dim: int = 128, K: int = 65536, m: float = 0.999,
                  T: float = 0.2, mlp: bool = True, bn_splits: int = 8, m_end: float | None = None,
                  symmetric: bool = False):
