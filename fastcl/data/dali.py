@@ -56,6 +56,8 @@ warning.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -304,8 +306,17 @@ def _to_torch(tl, device: torch.device, stream=None) -> torch.Tensor:
     """
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
     t = tl.as_tensor()
-    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
-    feed_ndarray(t, out, cuda_stream=stream if device.type == "cuda" else None)
+    if device.type != "cuda" or stream is None:
+        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+        feed_ndarray(t, out, cuda_stream=None)
+        return out
+    # Allocated on the side stream, so the caching allocator never hands it a block that kernels still
+    # queued on the current stream read; record_stream keeps it from being reused before the training
+    # kernels that consume it on the current stream have run.
+    with torch.cuda.stream(stream):
+        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+    out.record_stream(torch.cuda.current_stream(device))
+    feed_ndarray(t, out, cuda_stream=stream)
     return out
 
 
@@ -452,7 +463,11 @@ class DaliLoader:
         if self.channels_last:
             x = x.permute(0, 3, 1, 2)  # NHWC storage = NCHW in channels_last format, no copy
         if self.dtype == torch.bfloat16:
-            x = x.to(torch.bfloat16)  # keeps the channels_last strides (preserve_format)
+            # on the side stream too: it must follow the copy, and the caller's sync then covers it
+            with torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else nullcontext():
+                x = x.to(torch.bfloat16)  # keeps the channels_last strides (preserve_format)
+            if self._copy_stream is not None:
+                x.record_stream(torch.cuda.current_stream(self.device))
         return x
 
     def _source(self, _info=None):
