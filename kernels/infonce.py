@@ -257,11 +257,12 @@ def _infonce_backward_dq_kernel(
 def _infonce_backward_dk_kernel(
     Q_ptr, Q_row_stride, K_ptr, K_row_stride, RQ_ptr, RK_ptr, G_ptr, SELF_ptr, POS_ptr, LSE_ptr, DK_ptr,
     n_rows, n_keys, n_cols, rows_per_split, scale, g_scale,
-    NORM_Q: tl.constexpr, NORM_K: tl.constexpr, HAS_SELF: tl.constexpr,
+    NORM_Q: tl.constexpr, NORM_K: tl.constexpr, HAS_SELF: tl.constexpr, POS_IN_KEYS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, SCALE_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Program (key block, query split): partial Σ_i g_i·N (P_ij − [j = pos_i]) q̂_i for its keys.
+    """Program (key block, query split): partial Σ_i g_i·N (P_ij − [j = pos_i]) q̂_i for its keys
+    (without POS_IN_KEYS the positives are separate ``pos_keys``: no key is anyone's positive).
 
     ∂loss/∂k̂_j = (1/T) Σ_i dS_ij q̂_i; the factor 1/(N·T) is applied by the finalize kernel and
     g_i·N (= 1 for a mean loss) keeps the fp16 dot operand O(1). Keys own their rows: no atomics.
@@ -294,7 +295,9 @@ def _infonce_backward_dk_kernel(
             rq = tl.load(RQ_ptr + rows, mask=rmask, other=0.0)
         lse = tl.load(LSE_ptr + rows, mask=rmask, other=0.0)
         g = tl.load(G_ptr + rows, mask=rmask, other=0.0) * g_scale
-        pos_idx = tl.load(POS_ptr + rows, mask=rmask, other=-1)
+        pos_idx = tl.zeros([BLOCK_M], dtype=tl.int64) - 1
+        if POS_IN_KEYS:
+            pos_idx = tl.load(POS_ptr + rows, mask=rmask, other=-1).to(tl.int64)
         # s2ᵀ tile (BLOCK_N, BLOCK_M)
         if FP32_PRECISION:
             st = tl.dot(k, tl.trans(q), input_precision="tf32x3")
@@ -514,9 +517,10 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
         n_split, per = _split(n_kb, N, BM, M * C * 4, q.device)
         part = torch.empty(n_split, M, C, dtype=torch.float32, device=q.device)
         _infonce_backward_dk_kernel[(n_kb, n_split)](
-            q, q.stride(0), keys, keys.stride(0), rq, rk, g, self_index if has_self else q, pos_index, lse, part,
-            N, M, C, per, scale, float(N),
-            NORM_Q=norm_q, NORM_K=norm_k, HAS_SELF=has_self, UPCAST=upcast, FP32_PRECISION=fp32,
+            q, q.stride(0), keys, keys.stride(0), rq, rk, g, self_index if has_self else q,
+            pos_index if pos_in_keys else q, lse, part, N, M, C, per, scale, float(N),
+            NORM_Q=norm_q, NORM_K=norm_k, HAS_SELF=has_self, POS_IN_KEYS=pos_in_keys, UPCAST=upcast,
+            FP32_PRECISION=fp32,
             SCALE_TILE=scale_tile, BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
         dk = torch.empty_like(keys)

@@ -110,6 +110,22 @@ def test_moco_no_normalize_and_no_key_grad(backend):
 
 
 @pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
+def test_separate_positives_with_key_gradients(backend, dtype, rtol, atol):
+    """pos_keys (positives outside the key set) and keys that need gradients too (a trainable memory, not a
+    queue): every key is a pure negative, so dk has no positive term."""
+    q1, q2 = _leaves((13, 24), dtype, 21)
+    p1, p2 = _leaves((13, 24), dtype, 22)
+    k1, k2 = _leaves((37, 24), dtype, 23)  # weird shapes
+    out = K.contrastive_lse(q1, k1, 0.2, pos_keys=p1).mean()
+    ref = ref_moco(q2, p2, F.normalize(k2, dim=1), 0.2)  # normalized keys = the op's normalize_keys=True
+    assert_verbose_allclose(out, ref, rtol, atol, "loss")
+    out.backward()
+    ref.backward()
+    for name, a, b in (("dq", q1, q2), ("dp", p1, p2), ("dk", k1, k2)):
+        assert_verbose_allclose(a.grad, b.grad, rtol, atol, name)
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
 @pytest.mark.parametrize("N,M,C,off", [(16, 16, 32, 0), (11, 45, 20, 17)])  # second: weird shapes, DDP offset
 def test_inbatch_infonce(backend, dtype, rtol, atol, N, M, C, off):
     q1, q2 = _leaves((N, C), dtype, 5)
