@@ -182,9 +182,9 @@ class EMAUpdater:
         if len(self.online_params) != len(self.target_params):
             raise ValueError("online and target modules have different parameter lists")
         self.copy_buffers = copy_buffers
-        self.online_buffers = [b for b in online.buffers()]
-        self.target_buffers = [b for b in target.buffers()]
-        if copy_buffers and len(self.online_buffers) != len(self.target_buffers):
+        # buffers are looked up at every update: Module.to() replaces buffer tensors (parameters it keeps)
+        self._online, self._target = online, target
+        if copy_buffers and len(list(online.buffers())) != len(list(target.buffers())):
             raise ValueError("online and target modules have different buffer lists")
 
         for t, o in zip(self.target_params, self.online_params):
@@ -213,7 +213,7 @@ class EMAUpdater:
             ema_update_reference([p.data for p in self.target_params], [p.data for p in self.online_params],
                                  momentum)
         if self.copy_buffers:
-            torch._foreach_copy_(self.target_buffers, self.online_buffers)
+            torch._foreach_copy_(list(self._target.buffers()), list(self._online.buffers()))
 
 
 __all__ = ["ema_update_", "ema_update_reference", "EMAUpdater"]

@@ -72,3 +72,14 @@ def test_ema_updater_rebuilds_after_pointer_change(backend):
     expected = 0.5 * target.weight.detach().double() + 0.5 * online.weight.detach().double()
     upd.update(0.5)
     torch.testing.assert_close(target.weight.detach().double(), expected, atol=1e-6, rtol=0)
+
+
+def test_ema_updater_copies_buffers_after_module_to(backend):
+    """Module.to() replaces buffer tensors: the updater must copy into the new ones, not the old."""
+    online, target = _net(), _net()
+    upd = EMAUpdater(online, target, copy_buffers=True)  # built before the move, as methods do
+    online, target = online.to(DEV, torch.float64), target.to(DEV, torch.float64)
+    online(torch.randn(4, 3, 6, 6, device=DEV, dtype=torch.float64))  # move BN running stats
+    upd.update(0.9)
+    for bo, bt in zip(online.buffers(), target.buffers()):
+        assert torch.equal(bo, bt)
