@@ -113,7 +113,8 @@ def sinkhorn_triton(scores, eps, n_iters, all_reduce, world_size, shift):
 
 @torch.no_grad()
 def sinkhorn_reference(scores, eps=0.05, n_iters=3, all_reduce=None, world_size=1, shift=0.0):
-    Q = torch.exp((scores.float() - shift) / eps).t()  # Q is K-by-B for consistency with notations from SwAV
+    x = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores  # float64 stays float64
+    Q = torch.exp((x - shift) / eps).t()  # Q is K-by-B for consistency with notations from SwAV
     B = Q.shape[1] * world_size  # number of samples to assign
     K = Q.shape[0]  # how many prototypes
     sum_Q = torch.sum(Q)

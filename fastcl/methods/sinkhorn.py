@@ -1,8 +1,8 @@
 """Sinkhorn-Knopp equipartition of samples over prototypes, for SwAV's online codes.
 
 Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments",
-NeurIPS 2020 (https://arxiv.org/abs/2006.09882), Sec. 3.1 and the pseudocode of Algorithm 1. Plain torch:
-the op is 3 iterations over a (K x B) matrix, bandwidth-bound and small next to the backbone.
+NeurIPS 2020 (https://arxiv.org/abs/2006.09882), Sec. 3.1 and the pseudocode of Algorithm 1. The work is
+``fastcl.kernels.sinkhorn`` (Triton on CUDA, its torch reference otherwise); this wrapper adds the ranks.
 
 Given scores s_bk = z_b . c_k of the B samples (of all ranks together) against the K prototypes, find
 the Q in the transportation polytope {Q >= 0 : Q 1_B = 1_K / K, Q^T 1_K = 1_B / B} closest to
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.distributed import all_gather_nograd, all_reduce_, get_world_size
+from ..kernels.sinkhorn import sinkhorn  # fused scaling-vector passes on CUDA, the same math in torch elsewhere
 
 
 @torch.no_grad()
@@ -36,15 +37,8 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3
         raise ValueError(f"Sinkhorn epsilon must be > 0, got {epsilon}")
     if n_iters < 1:
         raise ValueError(f"Sinkhorn n_iters must be >= 1, got {n_iters}")
-    s = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    world = get_world_size()
     # exp(s/ε) up to a factor common to all ranks (the global max; the first normalization removes it)
-    s_max = all_gather_nograd(s.max().reshape(1)).max()
-    Q = torch.exp((s - s_max) / epsilon).t()  # K x B_local
-    K, B = Q.shape[0], Q.shape[1] * get_world_size()
-    total = all_reduce_(Q.sum())
-    Q /= total  # the whole matrix sums to 1
-    for _ in range(n_iters):
-        rows = all_reduce_(Q.sum(dim=1, keepdim=True))  # K x 1, over the global batch
-        Q /= rows * K  # every prototype: total weight 1/K
-        Q /= Q.sum(dim=0, keepdim=True) * B  # every sample: total weight 1/B
-    return (Q * B).t()  # B_local x K, rows are assignments summing to 1
+    shift = all_gather_nograd(scores.max().float().reshape(1)).max() if world > 1 else None
+    return sinkhorn(scores, epsilon, n_iters, all_reduce=all_reduce_ if world > 1 else None, world_size=world,
+                    shift=shift)

@@ -27,7 +27,7 @@ from ..engine.distributed import get_world_size
 from ..engine.optim import param_groups
 from ..models.heads import MLPHead
 from .base import Method, Step
-from .sinkhorn import sinkhorn_knopp  # plain torch (no fastcl.kernels Sinkhorn op exists yet)
+from .sinkhorn import sinkhorn_knopp
 
 
 class SwAV(Method):
