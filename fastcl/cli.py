@@ -48,6 +48,10 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--wd", type=float, default=None, help="weight decay")
     g.add_argument("--wd-end", type=float, default=None, help="final weight decay of a cosine schedule")
     g.add_argument("--clip-grad", type=float, default=None, help="max grad norm (0 = off)")
+    g.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
+                   help="DeepSpeed ZeRO under torchrun (default: 0 = off, plain DDP): 1 partitions the optimizer "
+                        "state across the processes, 2 also the gradients; 3 is rejected with the reason. "
+                        "Needs deepspeed and --optimizer sgd or adamw")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output dir for checkpoints and logs (default: runs/<recipe>)")
     g.add_argument("--resume", default="auto",
@@ -192,7 +196,7 @@ def train_config(args, recipe: str) -> TrainConfig:
         weight_decay_end=args.wd_end, clip_grad=args.clip_grad, amp=args.amp,
         channels_last=not args.no_channels_last, ckpt_every=args.ckpt_every, log_every=args.log_every,
         max_steps=args.max_steps, knn_every=args.knn_every, knn_k=args.knn_k, knn_t=args.knn_t,
-        seed=args.seed, resume=args.resume, extra=vars(args).copy())
+        seed=args.seed, resume=args.resume, zero_stage=args.zero_stage, extra=vars(args).copy())
 
 
 def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn.Module], spec: AugmentSpec,

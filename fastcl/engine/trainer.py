@@ -5,6 +5,8 @@ method hook (EMA, ...). Checkpoints (atomic) every ``ckpt_every`` steps and at e
 method (networks, momentum encoder, queue + pointer, centers), optimizer, scaler, the position in the
 data and every rank's RNG state, so a resumed run continues the uninterrupted one exactly (CPU,
 ``num_workers=0``). A non-finite loss stops the run naming the step, before anything is saved.
+With ``zero_stage`` 1/2 the DDP wrap is replaced by DeepSpeed ZeRO (``zero.py``: backward, hooked step,
+clip and the partitioned optimizer state go through it).
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class TrainConfig:
     knn_t: float = 0.1
     seed: int = 0
     resume: str | None = "auto"
+    zero_stage: int = 0  # DeepSpeed ZeRO: 1 partitions the optimizer state, 2 also the gradients; 0 = DDP
     extra: dict[str, Any] = field(default_factory=dict)  # the recipe's own args, saved with checkpoints
 
 
@@ -73,6 +76,11 @@ class Trainer:
         if amp not in ("bf16", "fp16", "none"):
             raise ValueError(f"--amp must be auto, bf16, fp16 or none, got {cfg.amp!r}")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+        self.zero = None
+        if cfg.zero_stage:
+            from .zero import check_zero_options
+
+            check_zero_options(cfg.zero_stage, optimizer=cfg.optimizer, amp=amp, world_size=dist_info.world_size)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         groups = self.method.param_groups(cfg.weight_decay)
         for g in groups:
@@ -89,8 +97,16 @@ class Trainer:
         self.log_fn = log_fn
         self.model: nn.Module = self.method
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
-        self._maybe_resume()
-        if dist_info.world_size > 1:
+        resumed = self._maybe_resume()
+        if cfg.zero_stage:
+            from .zero import ZeroEngine
+
+            self.zero = ZeroEngine(self.method, self.optimizer, stage=cfg.zero_stage, batch_size=cfg.batch_size,
+                                   clip_grad=cfg.clip_grad, device=self.device)
+            self.model = self.zero.engine
+            if resumed is not None:
+                self.zero.load(*resumed)
+        elif dist_info.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if on_cuda else None,
                 broadcast_buffers=False)  # queues/centers are kept identical by the methods themselves
@@ -124,27 +140,36 @@ class Trainer:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
-        return {"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.method.state_dict(),
+                "optimizer": None if self.zero else self.optimizer.state_dict(),  # ZeRO: shards, see save
                 "scaler": self.scaler.state_dict(),
                 "position": {"epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step},
                 "rng": rngs, "world_size": self.dist.world_size,
                 "config": dataclasses.asdict(self.cfg), "args": self.cfg.extra}  # args: the recipe's (arch, ...)
 
     def save(self, name: str = LATEST) -> None:
+        path = Path(self.cfg.out_dir) / name
+        zero = self.zero.save(path, self.step) if self.zero else None  # collective: shards first
         state = self._state()  # collective: every rank takes part
         if self.dist.is_main:
-            save_atomic(state, Path(self.cfg.out_dir) / name)
+            save_atomic({**state, "zero": zero} if zero else state, path)
+            if zero:
+                self.zero.prune(path, zero["tag"])
 
-    def _maybe_resume(self) -> None:
+    def _maybe_resume(self) -> tuple | None:
         path = find_resume(self.cfg.out_dir, self.cfg.resume)
         if path is None:
-            return
+            return None
         ckpt = load_checkpoint(path)
         missing = [k for k in ("model", "optimizer", "position", "rng") if k not in ckpt]
         if missing:
             raise RuntimeError(f"checkpoint {path} lacks {missing}: not a fastcl training checkpoint")
+        from .zero import ZeroEngine  # (imports no DeepSpeed)
+
+        ZeroEngine.check_resumable(ckpt, path, self.cfg.zero_stage, self.dist.world_size)
         self.method.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if not self.cfg.zero_stage:  # ZeRO: the shards are loaded once the engine exists
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         pos = ckpt["position"]
         self.epoch, self.batch_in_epoch, self.step = pos["epoch"], pos["batch"], pos["step"]
@@ -156,6 +181,7 @@ class Trainer:
         if self.dist.is_main:
             print(f"resumed from {path} at epoch {self.epoch}, batch {self.batch_in_epoch}, step {self.step}",
                   flush=True)
+        return path, ckpt.get("zero")
 
     # ------------------------------------------------------------------ evaluation
     def knn(self) -> dict | None:
@@ -223,15 +249,21 @@ class Trainer:
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
                                        torch.tensor(self.step, device=self.device), bad_step)
                 with nvtx_range("backward"):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.scaler.scale(loss).backward()
+                    if self.zero:
+                        self.zero.backward(loss)
+                    else:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.scaler.scale(loss).backward()
                 with nvtx_range("optimizer"):
-                    self.method.before_optimizer_step(info)
-                    if cfg.clip_grad > 0:
-                        self.scaler.unscale_(self.optimizer)
-                        torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.clip_grad, foreach=True)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
+                    if self.zero:  # hook on the full averaged grads, clip and step on the shards
+                        self.zero.step(self.method.before_optimizer_step, info)
+                    else:
+                        self.method.before_optimizer_step(info)
+                        if cfg.clip_grad > 0:
+                            self.scaler.unscale_(self.optimizer)
+                            torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.clip_grad, foreach=True)
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
                 with nvtx_range("ema"):
                     self.method.after_optimizer_step(info)
                 self.step += 1
