@@ -29,9 +29,11 @@ import torch
 
 from fastcl.data import augment
 
-WORKERS = int(os.environ.get("FASTCL_BENCH_WORKERS", "2"))
-N_IMAGES = int(os.environ.get("FASTCL_BENCH_IMAGES", "128"))
-BATCH = int(os.environ.get("FASTCL_BENCH_BATCH", "32"))
+_CUDA = torch.cuda.is_available()  # a GPU step needs a real batch and enough images to keep DALI fed
+WORKERS = int(os.environ.get("FASTCL_BENCH_WORKERS", "8" if _CUDA else "2"))
+N_IMAGES = int(os.environ.get("FASTCL_BENCH_IMAGES", "1024" if _CUDA else "128"))
+BATCH = int(os.environ.get("FASTCL_BENCH_BATCH", "128" if _CUDA else "32"))
+_STEP_MS: dict[str, float] = {}  # feed -> median ms per MoCo step, for the fed/synthetic ratio
 ROUNDS = int(os.environ.get("FASTCL_BENCH_ROUNDS", "3"))
 QUANTILES = (0.5, 0.2, 0.8)
 SPECS = {
@@ -205,5 +207,9 @@ def test_moco_step(benchmark, folder, feed):
     benchmark.extra_info.update(feed=feed, img_per_s=BATCH / per_step, gpu=torch.cuda.get_device_name())
     _append_csv(dict(bench="moco_r50_step", spec="moco", backend=feed, views=2, workers=WORKERS, batch=BATCH,
                      images=BATCH * 20, img_per_s_p50=BATCH / per_step, img_per_s_p20="", img_per_s_p80=""))
+    _STEP_MS[feed] = per_step * 1e3
+    ratio = ""
+    if len(_STEP_MS) == 2:  # 1.00x: the pipeline keeps up with the GPU; more: the step waits for data
+        ratio = f"; pipeline-fed / synthetic = {_STEP_MS['dali'] / _STEP_MS['synthetic']:.2f}x step time"
     print(f"\n[moco v2 R50 step, {feed}] {per_step * 1e3:.1f} ms/step, {BATCH / per_step:.0f} img/s "
-          f"({torch.cuda.get_device_name()}, batch {BATCH})")
+          f"({torch.cuda.get_device_name()}, batch {BATCH}){ratio}")

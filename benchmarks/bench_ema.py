@@ -9,7 +9,6 @@ datasheet value for known GPUs (override with FASTCL_PEAK_BW_GBS) and a measured
 bandwidth is printed beside it. H100 goal: kernel <= 1.2x the floor.
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -21,27 +20,6 @@ from fastcl.kernels import EMAUpdater  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 QUANTILES = [0.5, 0.2, 0.8]
-DATASHEET_GBS = {"H100 80GB HBM3": 3350, "H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
-                 "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935}
-
-
-def peak_bandwidth_gbs():
-    if "FASTCL_PEAK_BW_GBS" in os.environ:
-        return float(os.environ["FASTCL_PEAK_BW_GBS"]), "env"
-    name = torch.cuda.get_device_name()
-    for key, bw in DATASHEET_GBS.items():
-        if key in name:
-            return float(bw), "datasheet"
-    return measured_copy_gbs(), "measured copy"
-
-
-def measured_copy_gbs():
-    x = torch.empty(256 << 20, dtype=torch.float32, device="cuda")
-    y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x))
-    return 2 * x.numel() * 4 / ms / 1e6
-
-
 def make_model(name):
     if name == "resnet50":
         import torchvision
@@ -53,7 +31,7 @@ def make_model(name):
 
 
 @pytest.mark.parametrize("model_name", ["resnet50", "vit_large_patch16_224"])
-def test_ema(benchmark, model_name):
+def test_ema(benchmark, model_name, peak_bandwidth, copy_bandwidth):
     online = make_model(model_name).cuda()
     target = copy.deepcopy(online)
     tp, op = [p.data for p in target.parameters()], [p.data for p in online.parameters()]
@@ -70,7 +48,7 @@ def test_ema(benchmark, model_name):
     kernel = lambda: upd.update(m)  # noqa: E731
 
     nbytes = 3 * sum(p.numel() * p.element_size() for p in tp)
-    bw, src = peak_bandwidth_gbs()
+    bw, src = peak_bandwidth
     floor_ms = nbytes / (bw * 1e9) * 1e3
     t_loop = do_bench(loop, quantiles=QUANTILES)
     t_fe = do_bench(foreach, quantiles=QUANTILES)
@@ -79,6 +57,6 @@ def test_ema(benchmark, model_name):
           f"loop {t_loop[0]:.3f} ms, foreach_lerp {t_fe[0]:.3f} ms, kernel {t_k[0]:.3f} ms "
           f"[{t_k[1]:.3f}, {t_k[2]:.3f}]; floor {floor_ms:.3f} ms at {bw:.0f} GB/s ({src}), "
           f"kernel = {t_k[0] / floor_ms:.2f}x floor (goal <= 1.2x), foreach = {t_fe[0] / floor_ms:.2f}x; "
-          f"measured copy bw {measured_copy_gbs():.0f} GB/s")
+          f"measured copy bw {copy_bandwidth:.0f} GB/s")
     benchmark.extra_info.update(loop_ms=t_loop[0], foreach_ms=t_fe[0], kernel_ms=t_k[0], floor_ms=floor_ms)
     benchmark(kernel)

@@ -2,8 +2,41 @@ import os
 
 # Must be set before any @triton.jit kernel is decorated (i.e. before fastcl.kernels ops import):
 # without a GPU the Triton kernels run in the interpreter so CI checks them for real.
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------- memory floors of the bandwidth-bound kernels
+DATASHEET_GBS = {"H100 80GB HBM3": 3350, "H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
+                 "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935}
+
+
+@pytest.fixture(scope="session")
+def peak_bandwidth():
+    """(GB/s, where it came from): $FASTCL_PEAK_BW_GBS, else the GPU's datasheet HBM bandwidth, else a measured
+    device-to-device copy. Kernels are quoted as a multiple of bytes-moved / this."""
+    if "FASTCL_PEAK_BW_GBS" in os.environ:
+        return float(os.environ["FASTCL_PEAK_BW_GBS"]), "env"
+    name = torch.cuda.get_device_name()
+    for key, bw in DATASHEET_GBS.items():
+        if key in name:
+            return float(bw), "datasheet"
+    return _measured_copy_gbs(), "measured copy"
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth():
+    """GB/s of a 1 GiB device-to-device copy (read + write), printed beside the datasheet floor."""
+    return _measured_copy_gbs()
+
+
+def _measured_copy_gbs() -> float:
+    from triton.testing import do_bench
+
+    x = torch.empty(256 << 20, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / do_bench(lambda: y.copy_(x)) / 1e6

@@ -80,6 +80,7 @@ def base_parser() -> argparse.ArgumentParser:
 def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv=None) -> argparse.Namespace:
     """Parse, then fill every argument left at None from the chosen preset."""
     args = parser.parse_args(argv)
+    args.batch_size_given = args.batch_size is not None  # a preset's batch may be lowered on a CPU, a given one not
     preset = args.preset or ("cifar" if args.data == "cifar10" else "imagenet")
     if preset not in presets:
         parser.error(f"--preset {preset!r} is not defined for this recipe (have: {sorted(presets)})")
@@ -172,13 +173,16 @@ def _dataset(args, split: str, transform):
 
         images, labels = load_cifar10(split="train" if split == "train" else "test")
         return ArrayDataset(images, labels, transform)
-    from .data.imagefolder import ImageFolderDataset
+    from .data.imagefolder import ImageFolderDataset, find_classes
 
     root = Path(args.data) / split
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data {args.data}: no {split}/ folder at {root} (expected the ImageNet layout "
-                                f"{args.data}/train/<class>/*.jpg and {args.data}/val/<class>/*.jpg)")
-    return ImageFolderDataset(root, transform)
+    for r in {root, Path(args.data) / "train"}:
+        if not r.is_dir():
+            raise FileNotFoundError(f"--data {args.data}: no {r.name}/ folder at {r} (expected the ImageNet layout "
+                                    f"{args.data}/train/<class>/*.jpg and {args.data}/val/<class>/*.jpg)")
+    # val labels follow train's class order (a val split missing a class must not shift the labels)
+    classes = None if split == "train" else find_classes(Path(args.data) / "train")
+    return ImageFolderDataset(root, transform, classes=classes)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -186,6 +190,22 @@ def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
+
+
+# Preset batches (512 on CIFAR, 256-1024 on ImageNet) do not fit a CPU's memory with multi-crop ViTs: a CPU run
+# that did not choose --batch-size gets this many images per process (lr follows through the linear scaling).
+CPU_BATCH_PER_PROCESS = 64
+
+
+def cap_cpu_batch(args, dist: DistInfo) -> None:
+    cap = CPU_BATCH_PER_PROCESS * dist.world_size
+    if dist.device.type != "cpu" or getattr(args, "batch_size_given", True) or args.batch_size <= cap:
+        return
+    if dist.is_main:
+        print(f"warning: training on the CPU: the {args.preset} preset's batch {args.batch_size} is lowered to {cap} "
+              f"({CPU_BATCH_PER_PROCESS} per process) to fit in memory, lr scaled with it; pass --batch-size N to "
+              "choose", file=sys.stderr, flush=True)
+    args.batch_size = cap
 
 
 def train_config(args, recipe: str) -> TrainConfig:
@@ -206,6 +226,7 @@ def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn
 
     kernels.set_backend(args.kernels)
     dist = init_distributed(args.device)
+    cap_cpu_batch(args, dist)
     seed_everything(args.seed, dist.rank)
     cfg = train_config(args, recipe)
     if dist.is_main:
@@ -218,7 +239,8 @@ def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn
     result = trainer.fit()
     if dist.is_main:
         out = Path(cfg.out_dir)
-        torch.save({"backbone": method.backbone.state_dict(), "arch": args.arch}, out / "backbone.pth")
+        backbone = {k: v.detach().clone() for k, v in method.backbone.state_dict().items()}  # (ZeRO: views)
+        torch.save({"backbone": backbone, "arch": args.arch}, out / "backbone.pth")
         (out / "result.json").write_text(json.dumps(result, indent=1))
         print(f"done: {json.dumps(result)}; backbone weights in {out / 'backbone.pth'}", flush=True)
     if torch.distributed.is_initialized():

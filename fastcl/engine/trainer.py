@@ -11,8 +11,6 @@ clip and the partitioned optimizer state go through it).
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +96,8 @@ class Trainer:
         self.model: nn.Module = self.method
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         resumed = self._maybe_resume()
+        if dist_info.world_size > 1:
+            self._broadcast_state()
         if cfg.zero_stage:
             from .zero import ZeroEngine
 
@@ -110,6 +110,14 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if on_cuda else None,
                 broadcast_buffers=False)  # queues/centers are kept identical by the methods themselves
+
+    @torch.no_grad()
+    def _broadcast_state(self) -> None:
+        """Rank 0's parameters and buffers to every rank. DDP runs with ``broadcast_buffers=False`` (queues,
+        banks and centers are the methods' own), so it would leave randomly initialised buffers (a MoCo queue,
+        an InstDisc memory bank) different on each rank, each seeded with its own rank."""
+        for t in [*self.method.parameters(), *self.method.buffers()]:
+            dist.broadcast(t.data, src=0)
 
     # ------------------------------------------------------------------ schedules
     def _build_schedules(self) -> dict[str, np.ndarray]:
@@ -140,12 +148,19 @@ class Trainer:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
-        return {"model": self.method.state_dict(),
+        return {"model": self.method.state_dict(), "backbone_prefix": self._backbone_prefix(),
                 "optimizer": None if self.zero else self.optimizer.state_dict(),  # ZeRO: shards, see save
                 "scaler": self.scaler.state_dict(),
                 "position": {"epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step},
                 "rng": rngs, "world_size": self.dist.world_size,
                 "config": dataclasses.asdict(self.cfg), "args": self.cfg.extra}  # args: the recipe's (arch, ...)
+
+    def _backbone_prefix(self) -> str | None:
+        """Where the backbone sits in ``model`` (``teacher_backbone.`` for DINO's teacher, ...), for export."""
+        for name, module in self.method.named_modules():
+            if name and module is self.method.backbone:
+                return name + "."
+        return None
 
     def save(self, name: str = LATEST) -> None:
         path = Path(self.cfg.out_dir) / name
@@ -210,7 +225,13 @@ class Trainer:
         return out
 
     def _check_finite(self, bad_step: torch.Tensor) -> None:
-        """Raise if a step since the last check had a non-finite loss (one host sync per check)."""
+        """Raise if a step since the last check had a non-finite loss (one host sync per check). Under DDP the
+        ranks agree (first bad step of any rank), so all stop together instead of some waiting in a collective."""
+        if self.dist.world_size > 1:
+            never = torch.iinfo(torch.long).max
+            first = torch.where(bad_step < 0, never, bad_step)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            bad_step = torch.where(first == never, -1, first)
         s = int(bad_step.item())
         if s >= 0:
             raise NonFiniteLossError(

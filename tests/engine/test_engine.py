@@ -197,3 +197,46 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     ddp_state = torch.load(tmp_path / "ddp.pt")
     for k, v in single.method.state_dict().items():
         torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6)
+
+
+class RandomBufferMethod(ToyMethod):
+    """ToyMethod initialised from the global RNG (seeded per rank, as recipes do) with a random buffer (like a
+    MoCo queue / InstDisc bank), going non-finite at one step on one rank only."""
+
+    def __init__(self, nan_at_step=None):
+        weight, queue = torch.randn(8, 8), torch.randn(5, 8)  # the caller's (rank-seeded) RNG: ToyMethod reseeds
+        super().__init__(nan_at_step)
+        with torch.no_grad():
+            self.backbone.weight.copy_(weight)
+        self.register_buffer("queue", queue)
+
+
+def _ddp_agreement_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist_info = init_distributed("cpu")
+    torch.manual_seed(100 + rank)  # every rank builds a different random method
+    cfg = TrainConfig(out_dir=out_dir, epochs=2, batch_size=12, optimizer="sgd", lr=0.1, weight_decay=1e-3,
+                      log_every=1, amp="none", resume="none")
+    t = Trainer(RandomBufferMethod(nan_at_step=3 if rank == 1 else None),
+                ToyLoader(batch_size=12 // world, rank=rank, world_size=world, noise=False), cfg, dist_info)
+    start = {k: v.clone() for k, v in t.method.state_dict().items()}
+    try:
+        t.fit()
+        error = None
+    except NonFiniteLossError as e:
+        error = str(e)
+    torch.save({"start": start, "error": error}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_start_equal_and_stop_together_on_one_ranks_nan(tmp_path):
+    # Without the broadcast the queues differ per rank; without agreeing on the check, rank 1 raises at step 3
+    # while rank 0 (its own loss still finite) waits forever in the next gradient all-reduce.
+    mp.start_processes(_ddp_agreement_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert set(r0["start"]) >= {"queue", "backbone.weight"}
+    for k in r0["start"]:
+        assert torch.equal(r0["start"][k], r1["start"][k]), k
+    assert r0["error"] is not None and "step 3" in r0["error"]
+    assert r1["error"] is not None and "step 3" in r1["error"]

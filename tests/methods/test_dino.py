@@ -253,6 +253,8 @@ def cifar_run(tmp_path_factory):
 def test_recipe_runs_on_cifar10_and_loss_falls(cifar_run):
     res, out, recs = cifar_run
     assert res["step"] == 20 and (out / "backbone.pth").exists()
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert ckpt["backbone_prefix"] == "teacher_backbone."  # what export and eval read: the teacher, as in DINO
     losses = [r["loss"] for r in recs]
     assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
     # step 0 uses the zero initial center (an uncentered, sharp teacher); compare once the center is set

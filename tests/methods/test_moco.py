@@ -129,6 +129,7 @@ def test_recipe_runs_end_to_end_on_real_cifar10(tmp_path):
     assert ckpt["position"]["step"] == 6
     assert int(ckpt["model"]["queue.ptr"]) == 6 * 16 % 40  # one enqueue of the batch's keys per step
     assert ckpt["args"]["arch"] == "resnet18_cifar"
+    assert ckpt["backbone_prefix"] == "backbone."
     sd = torch.load(tmp_path / "backbone.pth")["backbone"]
     import torchvision
 

@@ -1,0 +1,64 @@
+"""What every recipe shares (fastcl.cli): the CPU batch cap for preset batches, and val labels of an ImageFolder
+dataset following the train split's class order."""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastcl import cli
+from fastcl.engine.distributed import DistInfo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
+from recipe_loader import load_recipe  # noqa: E402
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("argv, dist, batch", [
+    ([], CPU, 64),  # the preset's 512 x 12 crops of ViT-S/8 does not fit 24 GB of host memory
+    ([], DistInfo(1, 2, 1, torch.device("cpu")), 128),  # 64 per process
+    ([], DistInfo(0, 1, 0, torch.device("cuda", 0)), 512),  # a GPU keeps the paper's batch
+    (["--batch-size", "512"], CPU, 512),  # a batch the user asked for is theirs
+    (["--batch-size", "32"], CPU, 32),
+])
+def test_cpu_lowers_only_a_preset_batch_and_lr_follows(argv, dist, batch, capsys):
+    dino = load_recipe("dino_vits8")
+    args = dino.cli.parse_args(dino.get_args_parser(), dino.PRESETS, argv)
+    assert args.batch_size == int(argv[1]) if argv else 512
+    cli.cap_cpu_batch(args, dist)
+    assert args.batch_size == batch
+    cfg = cli.train_config(args, "dino_vits8")
+    assert cfg.batch_size == batch and cfg.lr == pytest.approx(0.0005 * batch / 256)
+    lowered = "lowered to" in capsys.readouterr().err
+    assert lowered == (batch != (int(argv[1]) if argv else 512) and dist.is_main)
+
+
+def _image_folder(root: Path, classes, per_class=2):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_val_labels_follow_train_classes(tmp_path):
+    _image_folder(tmp_path / "train", ["ant", "bee", "cat"])
+    _image_folder(tmp_path / "val", ["bee", "cat"])
+    args = argparse.Namespace(data=str(tmp_path))
+    assert cli._dataset(args, "train", None).classes == ["ant", "bee", "cat"]
+    # val on its own would label bee 0 and cat 1 (kNN against train's 1 and 2: silently wrong)
+    with pytest.raises(FileNotFoundError, match="val/ant"):
+        cli._dataset(args, "val", None)
+    _image_folder(tmp_path / "val", ["ant"])
+    val = cli._dataset(args, "val", None)
+    assert val.classes == ["ant", "bee", "cat"]
+    assert sorted(val[i][1] for i in range(len(val))) == [0, 0, 1, 1, 2, 2]
+
+
+def test_missing_split_folder_names_it(tmp_path):
+    _image_folder(tmp_path / "train", ["ant"])
+    with pytest.raises(FileNotFoundError, match="no val/ folder"):
+        cli._dataset(argparse.Namespace(data=str(tmp_path)), "val", None)
