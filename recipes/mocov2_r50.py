@@ -20,11 +20,11 @@ from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, warmup_epochs=0, optimizer="sgd",
-                     wd=1e-4, clip_grad=0.0, knn_every=0, queue_size=65536, bn_splits=8),
+                     wd=1e-4, clip_grad=0.0, knn_every=0, queue_size=65536, bn_splits=8, crop_size=224),
     # MoCo's CIFAR demo: ResNet-18 (3x3 stem), K=4096, lr 0.06 at batch 512, wd 5e-4, split BN 8, no blur
     # on 32x32 images
     "cifar": dict(arch="resnet18_cifar", epochs=200, batch_size=512, lr=0.03, warmup_epochs=0,
-                  optimizer="sgd", wd=5e-4, clip_grad=0.0, knn_every=10, queue_size=4096, bn_splits=8),
+                  optimizer="sgd", wd=5e-4, clip_grad=0.0, knn_every=10, queue_size=4096, bn_splits=8, crop_size=32),
 }
 
 
@@ -51,8 +51,7 @@ def build_method(args) -> MoCo:
 def main(argv=None):
     args = cli.parse_args(get_args_parser(), PRESETS, argv)
     mean, std = cli.dataset_stats(args)
-    size = args.crop_size or (32 if args.data == "cifar10" else 224)
-    spec = augment.mocov2_aug_plus(size, mean, std, blur_p=0.0 if args.data == "cifar10" else 0.5)
+    spec = augment.mocov2_aug_plus(args.crop_size, mean, std, blur_p=0.0 if args.data == "cifar10" else 0.5)
     return cli.run(args, "mocov2_r50", build_method, spec)
 
 

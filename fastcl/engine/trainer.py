@@ -242,7 +242,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         end_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
-        bar, bar_step = Progress(end_step, self.step, enabled=self.dist.is_main), self.step
+        bar = Progress(end_step, self.step, enabled=self.dist.is_main)
         tput = Throughput()
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype)) if self.amp_dtype \
@@ -297,9 +297,10 @@ class Trainer:
                     self.logger.log(rec)
                     if self.log_fn:
                         self.log_fn(rec)
-                    bar.update(self.step - bar_step, loss=f"{rec['loss']:.4f}", lr=f"{info['lr']:.3g}",
+                    bar.update(1, loss=f"{rec['loss']:.4f}", lr=f"{info['lr']:.3g}",
                                img_s=f"{rec['img_per_s']:.0f}")
-                    bar_step = self.step
+                else:  # the count and ETA move every step (slow CPU steps); loss etc. need a sync: log steps only
+                    bar.update(1)
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 \
                         and self.batch_in_epoch < self.steps_per_epoch:  # (epoch ends save below)
                     self._check_finite(bad_step)
