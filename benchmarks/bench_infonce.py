@@ -68,6 +68,14 @@ def peak_extra_mb(fn, inputs):
     return (peak - grad_bytes) / 2**20
 
 
+def _compute_floor(flops, ms, peak):
+    tflops, src = peak
+    if tflops is None:
+        return f"compute floor: {src}"
+    floor_ms = flops / (tflops * 1e12) * 1e3
+    return f"compute floor {floor_ms:.4f} ms at {tflops:.0f} TFLOPS ({src}) = triton {ms / floor_ms:.1f}x floor"
+
+
 def report(name, ms_triton, ms_torch, goal=None, flops=None, extra=""):
     ratio = ms_torch[0] / ms_triton[0]
     tf = f" {flops / ms_triton[0] / 1e9:.0f} TFLOPS" if flops else ""
@@ -97,7 +105,7 @@ def test_moco_queue(benchmark, dtype, peak_bandwidth):
 
 
 @pytest.mark.parametrize("N", [4096, 16384])
-def test_inbatch(benchmark, N):
+def test_inbatch(benchmark, N, peak_tflops):
     dtype = torch.bfloat16
     fn, inputs = setup_inbatch(N, dtype)
     with backend("torch"):
@@ -108,7 +116,8 @@ def test_inbatch(benchmark, N):
         mem_tri = peak_extra_mb(fn, inputs)
         ratio = report(f"inbatch_infonce N=M={N} C=256 bf16 fwd+bwd", t_tri, t_torch, GOALS_MS[N],
                        flops=flops_fwd_bwd(N, N, 256),
-                       extra=f"  peak extra: triton {mem_tri:.1f} MB, torch {mem_torch:.1f} MB")
+                       extra=f"  peak extra: triton {mem_tri:.1f} MB, torch {mem_torch:.1f} MB; "
+                             + _compute_floor(flops_fwd_bwd(N, N, 256), t_tri[0], peak_tflops))
         benchmark.extra_info.update(torch_ms=t_torch[0], triton_ms=t_tri[0], speedup=ratio,
                                     triton_extra_mb=mem_tri, torch_extra_mb=mem_torch)
         benchmark(fn)

@@ -40,3 +40,20 @@ def _measured_copy_gbs() -> float:
     x = torch.empty(256 << 20, dtype=torch.float32, device="cuda")
     y = torch.empty_like(x)
     return 2 * x.numel() * 4 / do_bench(lambda: y.copy_(x)) / 1e6
+
+
+# dense bf16 tensor-core peak (datasheet, TFLOPS), for compute-bound kernels (the in-batch InfoNCE GEMMs)
+DATASHEET_BF16_TFLOPS = {"H100 80GB HBM3": 989, "H100 SXM": 989, "H100 PCIe": 756, "H100 NVL": 835, "H200": 989,
+                         "A100": 312}
+
+
+@pytest.fixture(scope="session")
+def peak_tflops():
+    """(TFLOPS, source) or (None, reason): $FASTCL_PEAK_TFLOPS, else the datasheet dense bf16 peak."""
+    if "FASTCL_PEAK_TFLOPS" in os.environ:
+        return float(os.environ["FASTCL_PEAK_TFLOPS"]), "env"
+    name = torch.cuda.get_device_name()
+    for key, tf in DATASHEET_BF16_TFLOPS.items():
+        if key in name:
+            return float(tf), "datasheet"
+    return None, f"unknown GPU {name!r}: set FASTCL_PEAK_TFLOPS"
