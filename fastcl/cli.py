@@ -242,7 +242,11 @@ def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn
     if dist.is_main:
         out = Path(cfg.out_dir)
         backbone = {k: v.detach().clone() for k, v in method.backbone.state_dict().items()}  # (ZeRO: views)
-        torch.save({"backbone": backbone, "arch": args.arch}, out / "backbone.pth")
+        from .eval.export import model_kwargs_of
+
+        bb = type(method.backbone)
+        torch.save({"backbone": backbone, "arch": args.arch, "model_kwargs": model_kwargs_of({"args": vars(args)}),
+                    "backbone_class": f"{bb.__module__}.{bb.__qualname__}"}, out / "backbone.pth")
         (out / "result.json").write_text(json.dumps(result, indent=1))
         print(f"done: {json.dumps(result)}; backbone weights in {out / 'backbone.pth'}", flush=True)
     if torch.distributed.is_initialized():

@@ -148,7 +148,9 @@ class Trainer:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
+        bb = type(self.method.backbone)
         return {"model": self.method.state_dict(), "backbone_prefix": self._backbone_prefix(),
+                "backbone_class": f"{bb.__module__}.{bb.__qualname__}",  # export: torchvision/timm or not
                 "optimizer": None if self.zero else self.optimizer.state_dict(),  # ZeRO: shards, see save
                 "scaler": self.scaler.state_dict(),
                 "position": {"epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step},

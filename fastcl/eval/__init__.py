@@ -8,7 +8,7 @@ from importlib import import_module
 _EXPORTS = {
     "extract_features": "knn", "knn_classify": "knn", "knn_eval": "knn",
     "read_checkpoint": "export", "backbone_state_dict": "export", "reference_model": "export",
-    "load_into_reference": "export", "export_backbone": "export",
+    "load_into_reference": "export", "export_backbone": "export", "model_kwargs_of": "export",
     "LinearHeads": "linear", "load_backbone": "linear", "train_linear": "linear",
 }
 __all__ = list(_EXPORTS)

@@ -10,7 +10,8 @@ Input: a fastcl training checkpoint (``"model"``: the method's state_dict, backb
 ``{"backbone": sd, "arch": name}`` file, or a bare backbone state_dict. ``module.`` (DDP) and
 ``_orig_mod.`` (torch.compile) prefixes are stripped.
 
-Output (``--format fastcl``, the default): ``{"backbone": sd, "arch": name}``; ``--format torchvision`` or
+Output (``--format fastcl``, the default): ``{"backbone": sd, "arch": name, "model_kwargs": {...}}``
+(``model_kwargs``: what the weights cannot tell, e.g. MoCo v3's ``num_heads=12`` ViT-S); ``--format torchvision`` or
 ``--format timm``: the bare ``sd``. Loading it:
 
     # ResNets: everything but the classifier, which the backbone replaced by Identity
@@ -22,6 +23,7 @@ Output (``--format fastcl``, the default): ``{"backbone": sd, "arch": name}``; `
 
     # ViTs: strict (the head is absent on both sides). A ViT trained at another resolution or patch size
     # needs img_size=<that size>, patch_size=<that patch>; reference_model() reads both off the weights.
+    # The head count is not in the weights: pass the recorded model_kwargs (MoCo v3 ViT-S: num_heads=12).
     net = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False)
     net.load_state_dict(torch.load("vits16.pth"))
 
@@ -38,8 +40,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["read_checkpoint", "backbone_state_dict", "reference_model", "load_into_reference",
+__all__ = ["read_checkpoint", "backbone_state_dict", "model_kwargs_of", "reference_model", "load_into_reference",
            "export_backbone", "get_args_parser"]
+
+# Constructor arguments of a backbone that its state_dict does not determine (a ViT's attention head count:
+# the qkv weights have the same shape for 6 or 12 heads, so a wrong count loads strictly and computes garbage).
+MODEL_KWARGS = ("num_heads",)
 
 FORMATS = ("fastcl", "torchvision", "timm")
 _RESNET_HEAD = {"fc.weight", "fc.bias"}
@@ -79,6 +85,26 @@ def _arch_of(ckpt: Mapping) -> str | None:
     return None
 
 
+def model_kwargs_of(ckpt: Mapping) -> dict:
+    """The recorded ``MODEL_KWARGS`` (``"model_kwargs"`` of an export / backbone.pth, else the recipe's args)."""
+    if isinstance(ckpt.get("model_kwargs"), Mapping):
+        return dict(ckpt["model_kwargs"])
+    args = ckpt.get("args")
+    if isinstance(args, Mapping):
+        return {k: args[k] for k in MODEL_KWARGS if args.get(k) is not None}
+    return {}
+
+
+def check_public_backbone(ckpt: Mapping, source: str) -> None:
+    """Export and the linear probe rebuild torchvision ResNets and timm ViTs; a method-specific encoder
+    (CMC's two half-width Lab encoders, CPC v2's patch-grid encoder) has no such counterpart: say so."""
+    cls = ckpt.get("backbone_class")
+    if isinstance(cls, str) and cls.startswith("fastcl."):
+        raise ValueError(f"{source}: the backbone is {cls}, a fastcl encoder with no torchvision/timm "
+                         "counterpart; export and the linear probe take ResNet and ViT backbones (evaluate it "
+                         "with the kNN monitor, or load the checkpoint's 'model' into the method)")
+
+
 def backbone_state_dict(ckpt: Mapping, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str | None]:
     """Pull ``(backbone_sd, arch or None)`` out of any supported checkpoint dict.
 
@@ -114,12 +140,13 @@ def _is_resnet(arch: str) -> bool:
     return arch.removesuffix("_cifar").startswith("resnet")
 
 
-def reference_model(arch: str, sd: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+def reference_model(arch: str, sd: Mapping[str, torch.Tensor] | None = None, **model_kwargs) -> nn.Module:
     """The public model an exported backbone loads into (the recipe in the module docstring).
 
     ``resnet*``: ``torchvision.models.<arch>()`` (with the 3x3 stem / no max-pool for ``*_cifar``);
     ViTs: ``timm.create_model(arch, num_classes=0, pretrained=False)``, with ``img_size`` and ``patch_size``
-    read off ``sd["pos_embed"]`` and ``sd["patch_embed.proj.weight"]`` (other resolutions, CIFAR patches).
+    read off ``sd["pos_embed"]`` and ``sd["patch_embed.proj.weight"]`` (other resolutions, CIFAR patches)
+    and ``model_kwargs`` (``num_heads``) passed on.
     """
     if _is_resnet(arch):
         import torchvision
@@ -143,10 +170,10 @@ def reference_model(arch: str, sd: Mapping[str, torch.Tensor] | None = None) -> 
         if grid * grid == sd["pos_embed"].shape[1] - 1:
             kw["img_size"] = grid * patch
         kw["patch_size"] = patch  # the CIFAR presets train e.g. vit_small_patch8_224 with 4px patches
-    return timm.create_model(arch, num_classes=0, pretrained=False, **kw)
+    return timm.create_model(arch, num_classes=0, pretrained=False, **kw, **model_kwargs)
 
 
-def load_into_reference(sd: Mapping[str, torch.Tensor], arch: str) -> nn.Module:
+def load_into_reference(sd: Mapping[str, torch.Tensor], arch: str, **model_kwargs) -> nn.Module:
     """Build ``reference_model(arch)`` and load ``sd`` the documented way; raise if any key is off.
 
     ResNets load with ``strict=False`` and must miss exactly ``fc.weight, fc.bias`` (the head is then
@@ -155,7 +182,7 @@ def load_into_reference(sd: Mapping[str, torch.Tensor], arch: str) -> nn.Module:
     is built on the meta device and takes ``sd``'s tensors (``assign=True``): no random init to pay for.
     """
     with torch.device("meta"):
-        net = reference_model(arch, sd)
+        net = reference_model(arch, sd, **model_kwargs)
     if _is_resnet(arch):
         missing, unexpected = net.load_state_dict(sd, strict=False, assign=True)
         if set(missing) != _RESNET_HEAD or unexpected:
@@ -178,7 +205,8 @@ def export_backbone(checkpoint: str | Path | Mapping, arch: str | None = None, o
     Args:
         arch: backbone name; default: the one recorded in the checkpoint. Must agree with it if both exist.
         out_path: where to write (atomically); ``None`` only returns the object.
-        fmt: ``"fastcl"`` -> ``{"backbone": sd, "arch": arch}``; ``"torchvision"`` / ``"timm"`` -> bare sd.
+        fmt: ``"fastcl"`` -> ``{"backbone": sd, "arch": arch, "model_kwargs": kw}``; ``"torchvision"`` /
+            ``"timm"`` -> bare sd (build the model with ``model_kwargs_of(checkpoint)`` yourself).
         verify: load into ``reference_model(arch)`` first (see module docstring) and raise on mismatch.
 
     Returns:
@@ -190,6 +218,7 @@ def export_backbone(checkpoint: str | Path | Mapping, arch: str | None = None, o
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    check_public_backbone(ckpt, source)
     sd, found = backbone_state_dict(ckpt, source)
     if arch and found and arch != found:
         raise ValueError(f"{source}: --arch {arch} but the checkpoint was trained with {found}")
@@ -201,9 +230,10 @@ def export_backbone(checkpoint: str | Path | Mapping, arch: str | None = None, o
     if fmt == "timm" and _is_resnet(arch):
         raise ValueError(f"--format timm is for ViTs; {arch} loads into torchvision (--format torchvision)")
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    model_kwargs = model_kwargs_of(ckpt)
     if verify:
-        load_into_reference(sd, arch)
-    obj = {"backbone": sd, "arch": arch} if fmt == "fastcl" else sd
+        load_into_reference(sd, arch, **model_kwargs)
+    obj = {"backbone": sd, "arch": arch, "model_kwargs": model_kwargs} if fmt == "fastcl" else sd
     if out_path is not None:
         from ..engine.checkpoint import save_atomic
 
@@ -235,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     sd = obj["backbone"] if args.format == "fastcl" else obj
     n = sum(v.numel() for v in sd.values())
     print(f"wrote {args.out}: {len(sd)} tensors, {n / 1e6:.2f}M values, format {args.format}")
+    kw = model_kwargs_of(read_checkpoint(args.checkpoint))
+    if kw and args.format != "fastcl":
+        print(f"note: build the model with {', '.join(f'{k}={v!r}' for k, v in kw.items())} (not in the weights)")
 
 
 if __name__ == "__main__":

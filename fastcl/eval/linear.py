@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .export import backbone_state_dict, load_into_reference, read_checkpoint
+from .export import backbone_state_dict, check_public_backbone, load_into_reference, model_kwargs_of, read_checkpoint
 from .knn import extract_features
 
 __all__ = ["LinearHeads", "default_lrs", "load_backbone", "train_linear", "cached_batches", "get_args_parser"]
@@ -108,13 +108,14 @@ class LinearHeads(nn.Module):
 def load_backbone(checkpoint: str | Path, arch: str | None = None) -> tuple[nn.Module, str, int]:
     """``(frozen backbone in eval mode, arch, feature dim)`` from any checkpoint export reads."""
     ckpt = read_checkpoint(checkpoint)
+    check_public_backbone(ckpt, str(checkpoint))
     sd, found = backbone_state_dict(ckpt, str(checkpoint))
     if arch and found and arch != found:
         raise ValueError(f"{checkpoint}: --arch {arch} but the checkpoint was trained with {found}")
     arch = arch or found
     if not arch:
         raise ValueError(f"{checkpoint}: no arch recorded in the checkpoint; pass --arch")
-    net = load_into_reference(sd, arch).eval().requires_grad_(False)
+    net = load_into_reference(sd, arch, **model_kwargs_of(ckpt)).eval().requires_grad_(False)
     return net, arch, int(net.num_features)
 
 

@@ -48,7 +48,7 @@ def test_training_checkpoint_to_torchvision(tmp_path, arch, size):
     main(["--checkpoint", str(ckpt), "--out", str(out)])
 
     obj = torch.load(out, map_location="cpu")
-    assert obj["arch"] == arch and set(obj) == {"backbone", "arch"}
+    assert obj["arch"] == arch and set(obj) == {"backbone", "arch", "model_kwargs"} and obj["model_kwargs"] == {}
     sd = obj["backbone"]
     net = torchvision.models.resnet18()
     if arch.endswith("_cifar"):
@@ -97,6 +97,27 @@ def test_vit_other_resolution():
     obj = export_backbone({"backbone": vit.state_dict(), "arch": arch}, fmt="timm")  # verify=True loads it
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(load_into_reference(obj, arch).eval()(x), vit(x), rtol=0, atol=0)
+
+
+def test_vit_head_count_travels_with_the_weights(tmp_path):
+    """MoCo v3's ViT-S has 12 heads, timm's 6: the qkv weights fit both, so only the recorded num_heads keeps the
+    exported / probed model the trained function (here vit_tiny, 3 heads by default, trained with 6)."""
+    from fastcl.eval.linear import load_backbone
+    from fastcl.models import build_backbone
+
+    arch = "vit_tiny_patch16_224"
+    torch.manual_seed(0)
+    vit, _ = build_backbone(arch, img_size=32, patch_size=8, num_heads=6)
+    vit.eval()
+    x = torch.randn(2, 3, 32, 32)
+    ckpt = {"model": {f"backbone.{k}": v for k, v in vit.state_dict().items()}, "args": {"arch": arch, "num_heads": 6}}
+    obj = export_backbone(ckpt, fmt="fastcl", out_path=tmp_path / "vit.pth")
+    assert obj["model_kwargs"] == {"num_heads": 6}
+    torch.testing.assert_close(load_into_reference(obj["backbone"], arch, **obj["model_kwargs"]).eval()(x), vit(x))
+    net, _, _ = load_backbone(tmp_path / "vit.pth")  # the linear probe's loader reads them too
+    torch.testing.assert_close(net(x), vit(x))
+    wrong = load_into_reference(obj["backbone"], arch).eval()(x)  # timm's default 3 heads: loads, computes else
+    assert (wrong - vit(x)).abs().max() > 1e-3
 
 
 def test_dino_checkpoint_exports_the_teacher(tmp_path):

@@ -154,3 +154,11 @@ def test_recipe_runs_on_cifar10_and_loss_falls(tmp_path):
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
     early, late = np.mean(losses[:4]), np.mean(losses[-4:])
     assert late < early - 0.3, (early, late, losses)
+    # CMC's Lab encoder pair is no torchvision ResNet: export and the linear probe refuse it with the reason
+    from fastcl.eval.export import export_backbone
+    from fastcl.eval.linear import load_backbone
+
+    for path in (tmp_path / "checkpoint.pth", tmp_path / "backbone.pth"):
+        for load in (export_backbone, load_backbone):
+            with pytest.raises(ValueError, match="LabEncoders.*no torchvision/timm counterpart"):
+                load(path)
