@@ -119,6 +119,18 @@ class Trainer:
         for t in [*self.method.parameters(), *self.method.buffers()]:
             dist.broadcast(t.data, src=0)
 
+    @torch.no_grad()
+    def _sync_norm_stats(self) -> None:
+        """BN running statistics drift apart per rank (DDP without buffer broadcast, no SyncBN in the ResNet
+        methods): give every rank rank 0's before kNN and checkpoints, as DDP's default buffer broadcast does."""
+        if self.dist.world_size == 1:
+            return
+        for m in self.method.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+                for t in (m.running_mean, m.running_var, m.num_batches_tracked):
+                    if t is not None:
+                        dist.broadcast(t, src=0)
+
     # ------------------------------------------------------------------ schedules
     def _build_schedules(self) -> dict[str, np.ndarray]:
         c, spe = self.cfg, self.steps_per_epoch
@@ -166,6 +178,7 @@ class Trainer:
 
     def save(self, name: str = LATEST) -> None:
         path = Path(self.cfg.out_dir) / name
+        self._sync_norm_stats()  # collective
         zero = self.zero.save(path, self.step) if self.zero else None  # collective: shards first
         state = self._state()  # collective: every rank takes part
         if self.dist.is_main:
@@ -184,7 +197,12 @@ class Trainer:
         from .zero import ZeroEngine  # (imports no DeepSpeed)
 
         ZeroEngine.check_resumable(ckpt, path, self.cfg.zero_stage, self.dist.world_size)
-        self.method.load_state_dict(ckpt["model"])
+        self._check_same_run(ckpt, path)
+        try:
+            self.method.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # another method / arch / queue size: name the file, not just the tensors
+            raise ValueError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0]} ...); pass "
+                             "--out NEW_DIR for a new run or --resume none") from e
         if not self.cfg.zero_stage:  # ZeRO: the shards are loaded once the engine exists
             self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -200,6 +218,25 @@ class Trainer:
                   flush=True)
         return path, ckpt.get("zero")
 
+    # Options that may change between a run and its resumption; any other recipe argument defines the run.
+    RESUMABLE_CHANGES = frozenset({"out", "resume", "max_steps", "ckpt_every", "log_every", "knn_every", "knn_k",
+                                   "knn_t", "knn_samples", "no_knn", "workers", "device", "kernels", "data_backend",
+                                   "amp", "batch_size_given"})
+
+    def _check_same_run(self, ckpt: dict, path: Path) -> None:
+        """Auto-resume finds whatever sits in --out: refuse a checkpoint of another configuration (a different
+        dataset, arch, batch, queue ...) naming the options, instead of mixing the two runs."""
+        old, new = ckpt.get("args") or {}, self.cfg.extra
+        if not old or not new:
+            return
+        norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (argparse lists vs preset tuples)
+        diff = sorted(k for k in set(old) | set(new)
+                      if k not in self.RESUMABLE_CHANGES and norm(old.get(k)) != norm(new.get(k)))
+        if diff:
+            shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+            raise ValueError(f"checkpoint {path} is from another configuration ({shown}); pass --out NEW_DIR for a "
+                             "new run, --resume none to start over in this one, or the checkpoint's options")
+
     # ------------------------------------------------------------------ evaluation
     def knn(self) -> dict | None:
         if self.knn_loaders is None:
@@ -207,6 +244,7 @@ class Trainer:
         from ..eval.knn import knn_eval
 
         train_loader, val_loader = self.knn_loaders
+        self._sync_norm_stats()  # every rank embeds its shard with the same model
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
             res = knn_eval(self.method.backbone, train_loader, val_loader, self.device,
                            k=self.cfg.knn_k, T=self.cfg.knn_t)

@@ -1,4 +1,5 @@
 """The engine on its own: split BN, LARS, schedules, exact resume, non-finite loss, DDP == one process."""
+import dataclasses
 import math
 import os
 import socket
@@ -165,6 +166,25 @@ def test_resume_rejects_a_foreign_file(tmp_path):
         _train(tmp_path, 2, [])
 
 
+def test_auto_resume_refuses_another_configurations_checkpoint(tmp_path):
+    run = dict(arch="resnet18", queue_size=40, max_steps=4)
+    _train(tmp_path, 4, [], extra=run)
+    with pytest.raises(ValueError, match=r"checkpoint.pth is from another configuration \(--arch 'resnet18' -> "
+                                         r"'resnet50', --queue-size 40 -> 4096\)"):
+        _train(tmp_path, 6, [], extra={**run, "arch": "resnet50", "queue_size": 4096})
+    log = []
+    _train(tmp_path, 6, log, extra={**run, "max_steps": 6})  # run-control options may change
+    assert [r["step"] for r in log] == [5, 6]
+
+
+def test_resume_into_a_different_model_names_the_file(tmp_path):
+    _train(tmp_path, 2, [])
+    wider = ToyMethod()
+    wider.backbone = nn.Linear(8, 8, bias=False)  # a state_dict that does not fit
+    with pytest.raises(ValueError, match=r"checkpoint.pth does not fit this model .*--out NEW_DIR"):
+        _train(tmp_path, 4, [], method=wider)
+
+
 # ---------------------------------------------------------------------------------------------- DDP
 def _free_port() -> int:
     with socket.socket() as s:
@@ -211,6 +231,17 @@ class RandomBufferMethod(ToyMethod):
         self.register_buffer("queue", queue)
 
 
+class NormToyMethod(ToyMethod):
+    """ToyMethod through a BatchNorm (no SyncBN): its running statistics follow each rank's own shard."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(8, affine=False)
+
+    def forward(self, views, step):
+        return {"loss": F.mse_loss(self.backbone(self.norm(views[0])), views[1])}
+
+
 def _ddp_agreement_worker(rank, world, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -226,7 +257,10 @@ def _ddp_agreement_worker(rank, world, port, out_dir):
         error = None
     except NonFiniteLossError as e:
         error = str(e)
-    torch.save({"start": start, "error": error}, os.path.join(out_dir, f"rank{rank}.pt"))
+    t = Trainer(NormToyMethod(), ToyLoader(batch_size=12 // world, rank=rank, world_size=world, noise=False),
+                dataclasses.replace(cfg, out_dir=os.path.join(out_dir, "bn")), dist_info)
+    t.fit()  # ends with a checkpoint: the statistics are synchronised for it
+    torch.save({"start": start, "error": error, "bn": t.method.norm.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
@@ -240,3 +274,7 @@ def test_ddp_ranks_start_equal_and_stop_together_on_one_ranks_nan(tmp_path):
         assert torch.equal(r0["start"][k], r1["start"][k]), k
     assert r0["error"] is not None and "step 3" in r0["error"]
     assert r1["error"] is not None and "step 3" in r1["error"]
+    # each rank normalised its own shard, yet kNN and checkpoints see one model: rank 0's statistics
+    ckpt = torch.load(tmp_path / "bn" / "checkpoint.pth", weights_only=False)
+    for k in ("running_mean", "running_var"):
+        assert torch.equal(r0["bn"][k], r1["bn"][k]) and torch.equal(r0["bn"][k], ckpt["model"][f"norm.{k}"]), k
