@@ -10,7 +10,8 @@ from setuptools import setup
 
 packages = ["fastcl", "fastcl.data", "fastcl.engine", "fastcl.eval", "fastcl.methods", "fastcl.models",
             "fastcl.kernels"]
-dali = "nvidia-dali-cuda130==2.4.0; platform_system == 'Linux' and platform_machine == 'x86_64'"
+# lower bounds only (the versions this project is tested with: DALI 2.4.0, DeepSpeed 0.19.8, torch 2.14.1)
+dali = "nvidia-dali-cuda130>=2.4; platform_system == 'Linux' and platform_machine == 'x86_64'"
 
 setup(
     name="fastcl",
@@ -20,9 +21,8 @@ setup(
     package_dir={"fastcl": "fastcl", "fastcl.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[
-        # torch 2.14.1 / torchvision 0.29.1 are the newest this project pins against; never require newer
-        "torch>=2.4,<=2.14.1",
-        "torchvision>=0.19,<=0.29.1",
+        "torch>=2.4",  # tested up to 2.14.1 (CPU) / 2.11 (GPU); nothing newer is required
+        "torchvision>=0.19",
         "timm>=1.0",
         "numpy",
         "pillow",
@@ -32,7 +32,7 @@ setup(
         dali,
     ],
     extras_require={
-        "deepspeed": ["deepspeed==0.19.8"],
-        "dev": ["deepspeed==0.19.8", "pytest>=8", "pytest-benchmark>=4", "pytest-timeout"],
+        "deepspeed": ["deepspeed>=0.19"],
+        "dev": ["deepspeed>=0.19", "pytest>=8", "pytest-benchmark>=4", "pytest-timeout"],
     },
 )

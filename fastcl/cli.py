@@ -41,7 +41,7 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None, help="global batch size over all processes")
     g.add_argument("--lr", type=float, default=None, help="base lr for batch 256 (scaled linearly)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="final lr of the cosine schedule (default: 0)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="final lr of the cosine schedule (default: 0; DINO 1e-6, SwAV lr/1000 from their presets)")
     g.add_argument("--warmup-epochs", type=float, default=None)
     g.add_argument("--optimizer", default=None, choices=["sgd", "lars", "adamw"])
     g.add_argument("--momentum", type=float, default=0.9, help="SGD/LARS momentum (default: 0.9)")

@@ -8,7 +8,7 @@ ImageNet preset = HobbitLong/CMC train_CMC.py with ``--model resnet50 --batch_si
 (ResNetV1: one half-width ResNet-50 per view, 1024-d each, 2048-d concatenated representation): L / ab of
 Lab as the views, 128-d embeddings, memory banks (momentum 0.5) with K=4096 negatives, softmax InfoNCE
 T=0.07 both ways, augmentation RandomResizedCrop(224, scale 0.08-1) + flip only (color is the view),
-SGD lr 0.03 x batch/256, momentum 0.9, wd 1e-4, 400 epochs, lr x0.1 at epochs 250, 300 and 350.
+SGD lr 0.03 at batch 128 (train_CMC.py does not scale it; here 0.06 x batch/256), momentum 0.9, wd 1e-4, 400 epochs, lr x0.1 at epochs 250, 300 and 350.
 CIFAR-10 preset: half-width ResNet-18s with the 3x3 stem, crops 32px (scale 0.2-1), batch 512, 200 epochs,
 lr x0.1 at the same fractions of training, wd 5e-4, kNN on the concatenated features every 10 epochs.
 """
@@ -25,7 +25,7 @@ from fastcl.data import augment  # noqa: E402
 from fastcl.methods.cmc import CMC, half_width_resnet  # noqa: E402
 
 PRESETS = {
-    "imagenet": dict(arch="resnet50", epochs=400, batch_size=128, lr=0.03, warmup_epochs=0, optimizer="sgd",
+    "imagenet": dict(arch="resnet50", epochs=400, batch_size=128, lr=0.06, warmup_epochs=0, optimizer="sgd",
                      wd=1e-4, clip_grad=0.0, knn_every=0, crop_size=224, crop_scale=(0.08, 1.0)),
     "cifar": dict(arch="resnet18", epochs=200, batch_size=512, lr=0.03, warmup_epochs=0, optimizer="sgd",
                   wd=5e-4, clip_grad=0.0, knn_every=10, crop_size=32, crop_scale=(0.2, 1.0)),

@@ -36,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("MoCo v1", parents=[cli.base_parser()])
     g = p.add_argument_group("MoCo v1")
     g.add_argument("--dim", type=int, default=128, help="embedding dim of the linear head (default: 128)")
-    g.add_argument("--queue-size", type=int, default=None, help="K, number of negative keys (default: 65536)")
+    g.add_argument("--queue-size", type=int, default=None, help="K, number of negative keys (default: 65536; CIFAR 4096)")
     g.add_argument("--moco-m", type=float, default=0.999, help="key-encoder momentum (default: 0.999)")
     g.add_argument("--moco-t", type=float, default=0.07, help="softmax temperature (default: 0.07)")
     g.add_argument("--bn-splits", type=int, default=None,

@@ -20,11 +20,13 @@ from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, warmup_epochs=0, optimizer="sgd",
-                     wd=1e-4, clip_grad=0.0, knn_every=0, queue_size=65536, bn_splits=8, crop_size=224),
-    # MoCo's CIFAR demo: ResNet-18 (3x3 stem), K=4096, lr 0.06 at batch 512, wd 5e-4, split BN 8, no blur
-    # on 32x32 images
+                     wd=1e-4, clip_grad=0.0, knn_every=0, queue_size=65536, bn_splits=8, crop_size=224,
+                     moco_m=0.999, moco_t=0.2),
+    # MoCo's CIFAR demo: ResNet-18 (3x3 stem), K=4096, m=0.99, T=0.1, lr 0.06 at batch 512, wd 5e-4, split BN 8,
+    # no blur on 32x32 images
     "cifar": dict(arch="resnet18_cifar", epochs=200, batch_size=512, lr=0.03, warmup_epochs=0,
-                  optimizer="sgd", wd=5e-4, clip_grad=0.0, knn_every=10, queue_size=4096, bn_splits=8, crop_size=32),
+                  optimizer="sgd", wd=5e-4, clip_grad=0.0, knn_every=10, queue_size=4096, bn_splits=8, crop_size=32,
+                  moco_m=0.99, moco_t=0.1),
 }
 
 
@@ -32,9 +34,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("MoCo v2", parents=[cli.base_parser()])
     g = p.add_argument_group("MoCo")
     g.add_argument("--dim", type=int, default=128, help="embedding dim (default: 128)")
-    g.add_argument("--queue-size", type=int, default=None, help="K, number of negative keys (default: 65536)")
-    g.add_argument("--moco-m", type=float, default=0.999, help="key-encoder momentum (default: 0.999)")
-    g.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature (default: 0.2)")
+    g.add_argument("--queue-size", type=int, default=None, help="K, number of negative keys (default: 65536; CIFAR 4096)")
+    g.add_argument("--moco-m", type=float, default=None, help="key-encoder momentum (default: 0.999; CIFAR 0.99)")
+    g.add_argument("--moco-t", type=float, default=None, help="softmax temperature (default: 0.2; CIFAR 0.1)")
     g.add_argument("--bn-splits", type=int, default=None,
                    help="split-BN sub-batches on a single device (shuffle-BN stand-in; default: 8; DDP shuffles instead)")
     g.add_argument("--symmetric", action="store_true", help="symmetric loss (MoCo CIFAR demo option)")

@@ -129,7 +129,8 @@ def test_presets_and_lr_steps():
     p = recipe.get_args_parser()
     a = recipe.cli.parse_args(p, recipe.PRESETS, ["--data", "/imagenet"])
     assert (a.arch, a.epochs, a.batch_size, a.lr, a.wd, a.nce_k, a.nce_t, a.nce_m, a.feat_dim, a.crop_size,
-            a.crop_scale) == ("resnet50", 400, 128, 0.03, 1e-4, 4096, 0.07, 0.5, 128, 224, (0.08, 1.0))
+            a.crop_scale) == ("resnet50", 400, 128, 0.06, 1e-4, 4096, 0.07, 0.5, 128, 224, (0.08, 1.0))
+    assert recipe.cli.train_config(a, "cmc").lr == pytest.approx(0.03)  # train_CMC.py: 0.03 at batch 128, unscaled
     s = recipe.step_lr(0.03, 400, 10, a.lr_decay_fracs)
     assert s[0] == s[2499] == pytest.approx(0.03) and s[2500] == pytest.approx(0.003)  # epoch 250
     assert s[3000] == pytest.approx(3e-4) and s[3500] == pytest.approx(3e-5) and s[-1] == pytest.approx(3e-5)
