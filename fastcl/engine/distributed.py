@@ -36,8 +36,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is visible (use --device cpu or auto)")
+        # cuda:N pins a single process to GPU N; under torchrun each process takes its LOCAL_RANK's GPU
+        index = int(device.split(":", 1)[1]) if device.startswith("cuda:") and world_size == 1 else local_rank
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: GPU {index} requested, {torch.cuda.device_count()} visible")
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():

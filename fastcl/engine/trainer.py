@@ -137,7 +137,11 @@ class Trainer:
         s = {"lr": cosine_schedule(c.lr, c.min_lr, c.epochs, spe, c.warmup_epochs),
              "wd": cosine_schedule(c.weight_decay, c.weight_decay if c.weight_decay_end is None
                                    else c.weight_decay_end, c.epochs, spe)}
-        s.update(self.method.schedules(c.epochs, spe))
+        own = self.method.schedules(c.epochs, spe)
+        if "lr" in own and (c.warmup_epochs or c.min_lr) and self.dist.is_main:  # (step-lr recipes)
+            print(f"warning: this method's own lr schedule replaces the cosine one: --warmup-epochs "
+                  f"{c.warmup_epochs} and --min-lr {c.min_lr} have no effect", flush=True)
+        s.update(own)
         for name, arr in s.items():
             if len(arr) != self.total_steps:
                 raise ValueError(f"schedule {name!r} has {len(arr)} steps, expected {self.total_steps}")

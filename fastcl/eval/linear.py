@@ -3,7 +3,9 @@
 Protocol of MoCo (He et al. 2020, https://arxiv.org/abs/1911.05722, main_lincls.py): frozen backbone in
 eval mode, one ``nn.Linear`` initialized N(0, 0.01), SGD momentum 0.9, weight decay 0, lr 30 for a
 ResNet-50 at batch 256, 100 epochs (cosine here), train aug RandomResizedCrop + flip, eval
-Resize(256) + CenterCrop(224). ViTs default to DINO's eval_linear lr (0.001 per 256).
+Resize(256) + CenterCrop(224). ViTs follow DINO's eval_linear: lr 0.001 per 256 on the concatenated CLS
+tokens of the last ``--n-last-blocks`` blocks (each through the final norm; DINO: 4 for ViT-S, 1 plus the
+averaged patch tokens, ``--avgpool-patchtokens``, for ViT-B).
 
 Several learning rates can be trained at once (``--lr 1 10 30``): each is its own linear head on the same
 features, so one backbone pass serves them all (DINO v2 sweeps lrs the same way); the best head is
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from .export import backbone_state_dict, check_public_backbone, load_into_reference, model_kwargs_of, read_checkpoint
 from .knn import extract_features
 
-__all__ = ["LinearHeads", "default_lrs", "load_backbone", "train_linear", "cached_batches", "get_args_parser"]
+__all__ = ["LinearHeads", "ViTLinearFeatures", "default_lrs", "load_backbone", "train_linear", "cached_batches", "get_args_parser"]
 
 
 # ============ arguments ============
@@ -55,6 +57,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="learning rate(s) per 256 samples, scaled by batch-size/256; several values train one "
                         "head each in the same pass (default: ResNet 30 (MoCo), ViT 0.001 (DINO); on cifar10 "
                         "a sweep: ResNet 1 10 30, ViT 0.001 0.01 0.1)")
+    p.add_argument("--n-last-blocks", type=int, default=None,
+                   help="ViTs: concatenate the CLS tokens of this many last blocks (default: DINO's, 4 for ViT-S "
+                        "and smaller, 1 for ViT-B and larger)")
+    p.add_argument("--avgpool-patchtokens", type=int, default=None, choices=[0, 1],
+                   help="ViTs: also concatenate the last block's averaged patch tokens (default: DINO's, 1 for "
+                        "ViT-B and larger, else 0)")
     p.add_argument("--batch-size", type=int, default=256, help="(default: 256)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--wd", type=float, default=0.0, help="weight decay (default: 0, as MoCo)")
@@ -82,6 +90,41 @@ def default_lrs(arch: str, data: str) -> list[float]:
 
 
 # ============ model ============
+class ViTLinearFeatures(nn.Module):
+    """DINO eval_linear's ViT features: ``cat(CLS of the last n blocks (normed), [mean patch token])``.
+    With n=1 and no patch average this is the timm model's own pooled output.
+
+    >>> import timm; vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8)
+    >>> ViTLinearFeatures(vit, 4)(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 768])
+    """
+
+    def __init__(self, vit: nn.Module, n_last_blocks: int = 4, avgpool_patchtokens: bool = False):
+        super().__init__()
+        if not 1 <= n_last_blocks <= len(vit.blocks):
+            raise ValueError(f"--n-last-blocks must be in [1, {len(vit.blocks)}], got {n_last_blocks}")
+        self.vit, self.n, self.avgpool = vit, n_last_blocks, avgpool_patchtokens
+        self.num_features = vit.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.vit
+        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+        outs = []
+        for i, blk in enumerate(v.blocks):
+            x = blk(x)
+            if i >= len(v.blocks) - self.n:
+                outs.append(v.norm(x))
+        feats = [o[:, 0] for o in outs]
+        if self.avgpool:
+            feats.append(outs[-1][:, v.num_prefix_tokens:].mean(1))
+        return torch.cat(feats, dim=-1)
+
+
+def vit_probe_defaults(vit: nn.Module) -> tuple[int, bool]:
+    """DINO's eval_linear choice by width: ViT-S (384) and smaller 4 blocks, no patch average; larger 1 + avg."""
+    return (4, False) if vit.embed_dim <= 384 else (1, True)
+
+
 class LinearHeads(nn.Module):
     """``H`` independent BN-free linear classifiers on the same (B, D) features -> logits (H, B, C).
 
@@ -105,8 +148,11 @@ class LinearHeads(nn.Module):
         return torch.stack([h(x) for h in self.heads])  # (H, B, C)
 
 
-def load_backbone(checkpoint: str | Path, arch: str | None = None) -> tuple[nn.Module, str, int]:
-    """``(frozen backbone in eval mode, arch, feature dim)`` from any checkpoint export reads."""
+def load_backbone(checkpoint: str | Path, arch: str | None = None, n_last_blocks: int | None = None,
+                  avgpool_patchtokens: bool | None = None) -> tuple[nn.Module, str, int]:
+    """``(frozen backbone in eval mode, arch, feature dim)`` from any checkpoint export reads. ViTs come
+    wrapped in ``ViTLinearFeatures`` (DINO's defaults unless given); ``n_last_blocks=1`` with no average
+    gives the plain model."""
     ckpt = read_checkpoint(checkpoint)
     check_public_backbone(ckpt, str(checkpoint))
     sd, found = backbone_state_dict(ckpt, str(checkpoint))
@@ -116,6 +162,12 @@ def load_backbone(checkpoint: str | Path, arch: str | None = None) -> tuple[nn.M
     if not arch:
         raise ValueError(f"{checkpoint}: no arch recorded in the checkpoint; pass --arch")
     net = load_into_reference(sd, arch, **model_kwargs_of(ckpt)).eval().requires_grad_(False)
+    if hasattr(net, "blocks") and hasattr(net, "embed_dim"):  # a timm ViT
+        n, avg = vit_probe_defaults(net)
+        n = n if n_last_blocks is None else n_last_blocks
+        avg = avg if avgpool_patchtokens is None else bool(avgpool_patchtokens)
+        if (n, avg) != (1, False):
+            net = ViTLinearFeatures(net, n, avg).eval()
     return net, arch, int(net.num_features)
 
 
@@ -274,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
            "fp16": torch.float16, "none": None}[args.amp]
 
     # ============ backbone ============
-    backbone, arch, dim = load_backbone(args.checkpoint, args.arch)
+    backbone, arch, dim = load_backbone(args.checkpoint, args.arch, args.n_last_blocks, args.avgpool_patchtokens)
     backbone.to(device)
     lrs = args.lr or default_lrs(arch, args.data)
     size = args.size or (32 if args.data == "cifar10" else 224)
@@ -284,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_tf, eval_tf = build_transforms(args.data, size)
     loader_kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     key = _feature_cache_key(args.checkpoint, arch, args.data, size)
+    key["feature_dim"] = dim  # (ViT: depends on --n-last-blocks / --avgpool-patchtokens)
     args.cache_features |= args.feature_cache is not None
     cache = Path(args.feature_cache) if args.feature_cache else None
     if cache is not None and cache.is_file():

@@ -112,3 +112,31 @@ def test_command_on_tiny_imagefolder(tmp_path):
     argv = [a for a in argv if a not in ("--cache-features", "--feature-cache", str(cache))]
     aug = main([*argv[:argv.index("--epochs") + 1], "2", *argv[argv.index("--epochs") + 2:]])
     assert len(aug["history"]) == 2 and not aug["cached_features"] and 0 <= aug["best_top1"] <= 1
+
+
+def test_vit_features_follow_dinos_eval_linear(tmp_path):
+    """ViT-S and smaller: CLS tokens of the last 4 blocks, each through the final norm; n=1 is timm's output."""
+    import timm
+
+    from fastcl.eval.export import export_backbone
+    from fastcl.eval.linear import ViTLinearFeatures, load_backbone
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False, img_size=32, patch_size=8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ViTLinearFeatures(vit, 1)(x), vit(x))
+        ref = []  # the same by hand: run the blocks, keep the normed CLS of the last 4
+        h = vit._pos_embed(vit.patch_embed(x))
+        for i, blk in enumerate(vit.blocks):
+            h = blk(h)
+            if i >= len(vit.blocks) - 4:
+                ref.append(vit.norm(h)[:, 0])
+        avg = vit.norm(h)[:, 1:].mean(1)
+        torch.testing.assert_close(ViTLinearFeatures(vit, 4)(x), torch.cat(ref, 1))
+        torch.testing.assert_close(ViTLinearFeatures(vit, 4, True)(x), torch.cat(ref + [avg], 1))
+    export_backbone({"backbone": vit.state_dict(), "arch": "vit_tiny_patch16_224"}, out_path=tmp_path / "v.pth")
+    net, _, dim = load_backbone(tmp_path / "v.pth")
+    assert isinstance(net, ViTLinearFeatures) and dim == 4 * 192  # DINO's default for the small ViTs
+    net, _, dim = load_backbone(tmp_path / "v.pth", n_last_blocks=1, avgpool_patchtokens=False)
+    assert dim == 192 and not isinstance(net, ViTLinearFeatures)
