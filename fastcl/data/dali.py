@@ -154,17 +154,19 @@ def _jitter(img, v: ViewSpec):
     shift keeps V and S, hence commutes with brightness and nearly with the rest.
     """
     from nvidia.dali import fn, types
+    import nvidia.dali.math as dmath
     if v.brightness > 0 or v.contrast > 0:
-        kw = {}
+        # Arithmetic, not fn.brightness_contrast: its contrast_center is a named argument, which DALI takes
+        # only from CPU nodes, and after the mixed decode the image (so its mean) lives on the GPU.
+        x = img * 1.0  # float32
         if v.brightness > 0:
-            kw["brightness"] = _factor(v.brightness)
+            x = dmath.clamp(x * _factor(v.brightness), 0.0, 255.0)
         if v.contrast > 0:
             # torchvision blends with the mean of the grayscale image (not a fixed mid-grey)
-            rgb_mean = fn.reductions.mean(img, axes=[0, 1])
             luma = types.Constant(np.array([0.299, 0.587, 0.114], np.float32))
-            kw["contrast"] = _factor(v.contrast)
-            kw["contrast_center"] = fn.reductions.sum(rgb_mean * luma)
-        img = fn.brightness_contrast(img, **kw)
+            grey_mean = fn.reductions.sum(fn.reductions.mean(x, axes=[0, 1]) * luma)
+            x = grey_mean + _factor(v.contrast) * (x - grey_mean)
+        img = fn.reshape(fn.cast(dmath.clamp(x, 0.0, 255.0), dtype=types.UINT8), layout="HWC")
     if v.saturation > 0:
         img = fn.hsv(img, saturation=_factor(v.saturation))  # scales YIQ chroma = blend with grey
     if v.hue > 0:

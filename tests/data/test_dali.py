@@ -155,6 +155,23 @@ def test_real_progressive_imagenet_jpegs(tmp_path):
     assert all(torch.isfinite(v).all() and v.std() > 0.1 for v in views)
 
 
+@pytest.mark.parametrize("preset", ["mocov1", "mocov2_aug_plus", "simclr", "byol", "multicrop"])
+@pytest.mark.parametrize("decode", ["fused", "once"])
+def test_gpu_pipeline_graph_builds_without_a_gpu(preset, decode):
+    """The GPU graph (mixed decode, GPU operators) is checked by DALI when it is built, which needs no device:
+    e.g. a GPU node passed as a named argument (brightness_contrast's contrast_center once was) is rejected
+    there. Building it here catches that on CPU CI; running it needs CUDA (test_gpu_pipeline)."""
+    from fastcl.data.dali import build_pipeline
+
+    def no_data(_=None):
+        raise StopIteration
+
+    for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, True), (torch.float16, True)):
+        pipe = build_pipeline(getattr(augment, preset)(), 4, no_data, device_id=0, decode=decode, dtype=dtype,
+                              channels_last=channels_last)
+        pipe._build_graph()  # (private: Pipeline.build() would also allocate the device)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: mixed (nvJPEG) decode + GPU operators")
 @pytest.mark.parametrize("name", ["mocov2", "dino"])  # fused ROI decode / decode once
