@@ -103,9 +103,13 @@ def check_image_header(path: str) -> str | None:
     if size == 0:
         return "empty file"
     if head.startswith(b"\xff\xd8\xff"):
-        if b"\xff\xd9" not in tail:
-            return "JPEG without end-of-image marker (truncated)"
-        return None
+        if b"\xff\xd9" in tail:
+            return None
+        # some cameras append data after the end marker: search the whole file before calling it truncated (a
+        # marker inside, e.g. an EXIF thumbnail's, passes a truncated file here; the decode step catches those)
+        if size > _TAIL and b"\xff\xd9" in _read_all(path):
+            return None
+        return "JPEG without end-of-image marker (truncated)"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return None if b"IEND" in tail else "PNG without IEND chunk (truncated)"
     if head[:2] == b"BM" or head[:4] in (b"II*\x00", b"MM\x00*") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
@@ -113,6 +117,14 @@ def check_image_header(path: str) -> str | None:
     if head[:1] == b"P" and head[1:2] in b"123456":
         return None
     return "unknown image format"
+
+
+def _read_all(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def _prescan(paths: Sequence[str], threads: int = 16) -> dict[int, str]:
@@ -231,10 +243,13 @@ def _solarize(img, v: ViewSpec):
 
 
 def _decoder_args(mixed: bool) -> dict:
+    # EXIF orientation ignored, as PIL's open/convert in the torchvision twin (and torchvision's ImageFolder,
+    # which the reference recipes train with): both back ends see the same pixels
     if not mixed:
-        return {"device": "cpu"}
+        return {"device": "cpu", "adjust_orientation": False}
     # nvJPEG scratch buffers sized up front (NVIDIA's ImageNet examples): no regrowth mid-epoch
-    return {"device": "mixed", "device_memory_padding": 211_025_920, "host_memory_padding": 140_544_512}
+    return {"device": "mixed", "adjust_orientation": False, "device_memory_padding": 211_025_920,
+            "host_memory_padding": 140_544_512}
 
 
 def _view(encoded, decoded, v: ViewSpec, mixed: bool, out_dtype, layout: str):
@@ -448,18 +463,27 @@ class DaliLoader:
                 labels = _to_torch(outs[n_views], torch.device("cpu"))
                 indices = _to_torch(outs[n_views + 1], torch.device("cpu"))
                 done += 1
+                if done == len(plan):
+                    # Reset now, before the last yield (the batch is already copied out): the Trainer takes
+                    # exactly len(loader) batches and never asks for the end, and a pipeline left mid-epoch
+                    # would be rebuilt (nvJPEG buffers and all) every epoch.
+                    self._end_epoch(pipe)
                 yield views, labels, indices
-            try:  # the source raises StopIteration right after the last batch: reach it, then reset
-                pipe.run()
-                raise RuntimeError("DALI pipeline produced a batch past the end of the epoch")
-            except StopIteration:
-                pipe.reset()
-                self._clean = True
+            if not plan:  # (resumed at the epoch's end)
+                self._end_epoch(pipe)
         finally:
             if self._gen == gen and (done < len(plan) or not self._clean):
                 self._discard_pipe()  # abandoned mid-epoch: batches in flight -> rebuild next time
 
     # ---- internals ----
+    def _end_epoch(self, pipe) -> None:
+        try:  # the source raises StopIteration right after the last batch: reach it, then reset
+            pipe.run()
+            raise RuntimeError("DALI pipeline produced a batch past the end of the epoch")
+        except StopIteration:
+            pipe.reset()
+            self._clean = True
+
     def _convert(self, tl) -> torch.Tensor:
         x = _to_torch(tl, self.device, self._copy_stream)
         if self.channels_last:
@@ -531,13 +555,26 @@ class DaliLoader:
         if not bad:  # every file decodes alone: not a data problem, do not mask it
             raise err
         for k in bad:
-            self._flag(cand[k], f"DALI decode error: {str(err).splitlines()[0][:200]}")
+            self._flag(cand[k], f"DALI decode error: {_error_cause(err)}")
 
     def _substitute_quiet(self, i: int) -> int:
         count = self.num_bad_loads
         j = self._substitute(i)
         self.num_bad_loads = count
         return j
+
+
+def _error_cause(err: BaseException) -> str:
+    """The informative line of a DALI error (its first line is only 'Critical error in pipeline:'): the one
+    after 'encountered:', else one naming a cause, else the last."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines[:-1]):
+        if ln.lower().startswith("encountered"):
+            return lines[i + 1][:200]
+    for ln in lines:
+        if any(w in ln.lower() for w in ("premature", "corrupt", "truncat", "invalid", "unsupported", "failed")):
+            return ln[:200]
+    return (lines[-1] if lines else type(err).__name__)[:200]
 
 
 def _find_undecodable(paths: list[str], device: torch.device, max_batch: int) -> list[int]:

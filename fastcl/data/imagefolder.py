@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -52,6 +53,8 @@ def load_rgb(path: str) -> Image.Image:
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()  # force the decode now so truncation errors surface here
+        if img.mode in ("I;16", "I;16L", "I;16B", "I"):  # 16-bit grey: convert("RGB") clips at 255 (white);
+            img = Image.fromarray((np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))  # as DALI
         return img.convert("RGB")
 
 

@@ -413,6 +413,43 @@ def test_epoch_boundaries_and_labels(imagefolder):
     assert torch.equal(lab, torch.as_tensor(dl.targets)[i])
 
 
+@twin
+def test_exif_orientation_treated_as_the_torchvision_twin(tmp_path):
+    """A 40x20 JPEG, red left half / blue right, tagged 'rotate 90' (EXIF 6): PIL (the twin) ignores the tag,
+    so DALI must too, or its views show another image (red on top, after a fallback centre crop)."""
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20, 0], arr[:, 20:, 2] = 255, 255
+    (tmp_path / "c").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(tmp_path / "c" / "x.jpg", quality=95, exif=exif)
+    view = ViewSpec(size=16, scale=(1.0, 1.0), ratio=(2.0, 2.0), **NOAUG)  # exactly the whole 2:1 image
+    (views, _, _), = list(DaliLoader(tmp_path, AugmentSpec((view,)), 1))
+    from fastcl.data.imagefolder import ImageFolderDataset
+
+    twin_view = ImageFolderDataset(tmp_path, MultiViewTransform(AugmentSpec((view,))))[0][0][0]
+    for out in (views[0][0], twin_view):
+        left, right = out[:, :, :6].mean((1, 2)), out[:, :, -6:].mean((1, 2))  # (R, G, B) per side
+        assert left[0] > 200 and left[2] < 50 and right[2] > 200 and right[0] < 50, (left, right)
+
+
+def test_pipeline_reused_when_the_consumer_takes_exactly_len_batches(imagefolder):
+    """The Trainer calls next() len(loader) times per epoch and never asks for the end: the pipeline must still
+    be reset and reused, not rebuilt (on a GPU: nvJPEG setup and its padded buffers) every epoch."""
+    dl = DaliLoader(imagefolder, augment.mocov2_aug_plus(size=16), 5)
+    for epoch in range(3):
+        dl.set_epoch(epoch)
+        it = iter(dl)
+        got = [next(it)[2].tolist() for _ in range(len(dl))]
+        assert got == [b.tolist() for b in dl.epoch_indices()]
+        del it
+    assert dl._pipe_count == 1
+    dl.set_epoch(3, start_batch=len(dl))  # resumed exactly at an epoch's end: nothing to yield, still reusable
+    assert list(dl) == [] and dl._pipe_count == 1
+    dl.set_epoch(4)
+    assert len(list(dl)) == len(dl) and dl._pipe_count == 1
+
+
 def test_resume_mid_epoch(imagefolder):
     dl = DaliLoader(imagefolder, augment.mocov2_aug_plus(size=16), 4, rank=1, world_size=2, seed=7)
     dl.set_epoch(2)
@@ -462,8 +499,18 @@ def dirty_folder(tmp_path_factory, imagefolder):
     return d
 
 
-def test_header_check():
+def test_header_check(tmp_path):
+    import io
+
     assert check_image_header("/nonexistent/x.jpg").startswith("unreadable")
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(buf, "JPEG")
+    good = buf.getvalue()
+    (tmp_path / "long_trailer.jpg").write_bytes(good + b"\x00" * 5000)  # camera data after the end marker
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2] + b"\x00" * 5000)
+    assert check_image_header(str(tmp_path / "long_trailer.jpg")) is None
+    Image.open(tmp_path / "long_trailer.jpg").load()  # (PIL, the torchvision twin, decodes it too)
+    assert "truncated" in check_image_header(str(tmp_path / "truncated.jpg"))
 
 
 def test_corrupt_files_substituted_not_crashing(dirty_folder):

@@ -133,3 +133,16 @@ def test_val_uses_train_classes(folder, tmp_path):
     (val_root / "cow").mkdir()
     with pytest.raises(ValueError, match="cow"):
         ImageFolderDataset(val_root, classes=train.classes)
+
+
+def test_16bit_grey_png_scaled_not_clipped(tmp_path):
+    """PIL's convert('RGB') clips 16-bit grey at 255 (a white image); DALI's decoder scales it to 8 bits."""
+    import numpy as np
+    from PIL import Image
+
+    from fastcl.data.imagefolder import load_rgb
+
+    a = np.random.default_rng(0).integers(0, 65536, (16, 16), dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "x.png")
+    out = np.asarray(load_rgb(str(tmp_path / "x.png")))
+    assert out.shape == (16, 16, 3) and np.array_equal(out[..., 0], (a >> 8).astype(np.uint8))
