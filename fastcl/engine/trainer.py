@@ -251,7 +251,7 @@ class Trainer:
         self._sync_norm_stats()  # every rank embeds its shard with the same model
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
             res = knn_eval(self.method.backbone, train_loader, val_loader, self.device,
-                           k=self.cfg.knn_k, T=self.cfg.knn_t)
+                           k=self.cfg.knn_k, T=self.cfg.knn_t, progress=self.dist.is_main)
         self.logger.log({"step": self.step, "epoch": self.epoch, **{f"knn_{k}": v for k, v in res.items()}})
         self.logger.print(f"epoch {self.epoch} step {self.step}: kNN top-1 {res['top1']:.4f}")
         return res

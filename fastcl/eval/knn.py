@@ -53,7 +53,8 @@ def _gather_padded(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader, device: torch.device | str,
-                     amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     amp_dtype: torch.dtype | None = None, progress: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``backbone`` over ``loader``; return ``(feats (N, D) float32, labels (N,) int64)`` on ``device``.
 
     Args:
@@ -64,6 +65,7 @@ def extract_features(backbone: nn.Module, loader, device: torch.device | str,
             process ``(images, labels)`` batches are accepted too (rows then keep loader order).
         device: where the forward pass runs and where the features are kept.
         amp_dtype: run the forward under ``torch.autocast`` with this dtype (features are cast to fp32).
+        progress: a progress-bar label (minutes of silence otherwise on large sets); ``None``: no bar.
 
     Under an initialized process group the features of all ranks are gathered (padded all_gather, so
     ranks may hold different counts) and every rank returns the full, deduplicated, index-ordered set.
@@ -77,8 +79,16 @@ def extract_features(backbone: nn.Module, loader, device: torch.device | str,
     backbone.eval()
     feats, labels, indices = [], [], []
     seen = 0
+    bar = None
+    if progress is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(loader) if hasattr(loader, "__len__") else None, desc=progress, unit="batch",
+                   leave=False, mininterval=2.0)
     try:
         for batch in loader:
+            if bar is not None:
+                bar.update(1)
             images, target = batch[0], batch[1]
             if isinstance(images, (list, tuple)):
                 images = images[0]
@@ -99,6 +109,8 @@ def extract_features(backbone: nn.Module, loader, device: torch.device | str,
             indices.append(index.to(device, torch.long))
     finally:
         backbone.train(was_training)
+        if bar is not None:
+            bar.close()
     if not feats:
         raise ValueError("extract_features: the loader yielded no batches")
     feats, labels, indices = torch.cat(feats), torch.cat(labels), torch.cat(indices)
@@ -170,7 +182,7 @@ def _check(k: int, T: float, chunk: int | None) -> None:
 @torch.no_grad()
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, k: int = 200, T: float = 0.1, num_classes: int | None = None,
-                 chunk: int | None = None) -> dict[str, float]:
+                 chunk: int | None = None, progress: bool = False) -> dict[str, float]:
     """Weighted kNN top-1 / top-5 accuracy of ``test_feats`` against the bank ``train_feats``.
 
     Args:
@@ -201,15 +213,17 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 @torch.no_grad()
 def knn_eval(backbone: nn.Module, train_loader, val_loader, device: torch.device | str, k: int = 200,
              T: float = 0.1, amp_dtype: torch.dtype | None = None, num_classes: int | None = None,
-             chunk: int | None = None) -> dict[str, float]:
+             chunk: int | None = None, progress: bool = False) -> dict[str, float]:
     """Extract train/val features with ``backbone`` and return the weighted-kNN ``{"top1", "top5"}``.
 
     Collective under ``torch.distributed``: every rank must call it; the test rows are split across
     ranks and the correct counts all-reduced, so each rank returns the same result.
     """
     _check(k, T, chunk)
-    train_feats, train_labels = extract_features(backbone, train_loader, device, amp_dtype)
-    test_feats, test_labels = extract_features(backbone, val_loader, device, amp_dtype)
+    train_feats, train_labels = extract_features(backbone, train_loader, device, amp_dtype,
+                                                 "kNN: train features" if progress else None)
+    test_feats, test_labels = extract_features(backbone, val_loader, device, amp_dtype,
+                                               "kNN: val features" if progress else None)
     # normalize the bank in place: it is ours, and an out-of-place copy would double its memory
     # (ImageNet-1k x ResNet-50: 1.28M x 2048 fp32 = 10.5 GB)
     train_feats /= train_feats.norm(dim=1, keepdim=True).clamp_min_(1e-12)
