@@ -81,6 +81,7 @@ def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv=N
     """Parse, then fill every argument left at None from the chosen preset."""
     args = parser.parse_args(argv)
     args.batch_size_given = args.batch_size is not None  # a preset's batch may be lowered on a CPU, a given one not
+    args.min_lr_given = args.min_lr is not None  # (DINO/SwAV take theirs from the preset)
     preset = args.preset or ("cifar" if args.data == "cifar10" else "imagenet")
     if preset not in presets:
         parser.error(f"--preset {preset!r} is not defined for this recipe (have: {sorted(presets)})")
@@ -205,8 +206,10 @@ def cap_cpu_batch(args, dist: DistInfo) -> None:
         return
     if dist.is_main:
         print(f"warning: training on the CPU: the {args.preset} preset's batch {args.batch_size} is lowered to {cap} "
-              f"({CPU_BATCH_PER_PROCESS} per process) to fit in memory, lr scaled with it; pass --batch-size N to "
-              "choose", file=sys.stderr, flush=True)
+              f"({CPU_BATCH_PER_PROCESS} per process) to fit in memory, lr (and a preset's final lr) scaled with it; "
+              "pass --batch-size N to choose", file=sys.stderr, flush=True)
+    if not getattr(args, "min_lr_given", True):  # a preset's final lr follows, keeping its final/peak ratio
+        args.min_lr *= cap / args.batch_size
     args.batch_size = cap
 
 

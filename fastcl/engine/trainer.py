@@ -225,7 +225,7 @@ class Trainer:
     # Options that may change between a run and its resumption; any other recipe argument defines the run.
     RESUMABLE_CHANGES = frozenset({"out", "resume", "max_steps", "ckpt_every", "log_every", "knn_every", "knn_k",
                                    "knn_t", "knn_samples", "no_knn", "workers", "device", "kernels", "data_backend",
-                                   "amp", "batch_size_given"})
+                                   "amp", "batch_size_given", "min_lr_given"})
 
     def _check_same_run(self, ckpt: dict, path: Path) -> None:
         """Auto-resume finds whatever sits in --out: refuse a checkpoint of another configuration (a different

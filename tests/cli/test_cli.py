@@ -35,6 +35,14 @@ def test_cpu_lowers_only_a_preset_batch_and_lr_follows(argv, dist, batch, capsys
     assert cfg.batch_size == batch and cfg.lr == pytest.approx(0.0005 * batch / 256)
     lowered = "lowered to" in capsys.readouterr().err
     assert lowered == (batch != (int(argv[1]) if argv else 512) and dist.is_main)
+    assert cfg.min_lr == pytest.approx(1e-6 * batch / 512 if not argv else 1e-6)  # the preset's final/peak kept
+
+
+def test_cpu_cap_keeps_a_given_min_lr():
+    swav = load_recipe("swav_r50")
+    args = swav.cli.parse_args(swav.get_args_parser(), swav.PRESETS, ["--min-lr", "0.001"])
+    cli.cap_cpu_batch(args, CPU)
+    assert args.batch_size == 64 and args.min_lr == 0.001
 
 
 def _image_folder(root: Path, classes, per_class=2):
