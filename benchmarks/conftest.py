@@ -15,17 +15,19 @@ DATASHEET_GBS = {"H100 80GB HBM3": 3350, "H100 SXM": 3350, "H100 PCIe": 2000, "H
                  "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935}
 
 
+def _env_or_datasheet(env: str, table: dict) -> tuple[float, str] | None:
+    """(value, "env") from $env, else (value, "datasheet") for the first table key in the GPU's name, else None."""
+    if env in os.environ:
+        return float(os.environ[env]), "env"
+    name = torch.cuda.get_device_name()
+    return next(((float(v), "datasheet") for key, v in table.items() if key in name), None)
+
+
 @pytest.fixture(scope="session")
 def peak_bandwidth():
     """(GB/s, where it came from): $FASTCL_PEAK_BW_GBS, else the GPU's datasheet HBM bandwidth, else a measured
     device-to-device copy. Kernels are quoted as a multiple of bytes-moved / this."""
-    if "FASTCL_PEAK_BW_GBS" in os.environ:
-        return float(os.environ["FASTCL_PEAK_BW_GBS"]), "env"
-    name = torch.cuda.get_device_name()
-    for key, bw in DATASHEET_GBS.items():
-        if key in name:
-            return float(bw), "datasheet"
-    return _measured_copy_gbs(), "measured copy"
+    return _env_or_datasheet("FASTCL_PEAK_BW_GBS", DATASHEET_GBS) or (_measured_copy_gbs(), "measured copy")
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +52,5 @@ DATASHEET_BF16_TFLOPS = {"H100 80GB HBM3": 989, "H100 SXM": 989, "H100 PCIe": 75
 @pytest.fixture(scope="session")
 def peak_tflops():
     """(TFLOPS, source) or (None, reason): $FASTCL_PEAK_TFLOPS, else the datasheet dense bf16 peak."""
-    if "FASTCL_PEAK_TFLOPS" in os.environ:
-        return float(os.environ["FASTCL_PEAK_TFLOPS"]), "env"
-    name = torch.cuda.get_device_name()
-    for key, tf in DATASHEET_BF16_TFLOPS.items():
-        if key in name:
-            return float(tf), "datasheet"
-    return None, f"unknown GPU {name!r}: set FASTCL_PEAK_TFLOPS"
+    return _env_or_datasheet("FASTCL_PEAK_TFLOPS", DATASHEET_BF16_TFLOPS) or \
+        (None, f"unknown GPU {torch.cuda.get_device_name()!r}: set FASTCL_PEAK_TFLOPS")

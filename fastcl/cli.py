@@ -41,7 +41,8 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None, help="global batch size over all processes")
     g.add_argument("--lr", type=float, default=None, help="base lr for batch 256 (scaled linearly)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="final lr of the cosine schedule (default: 0; DINO 1e-6, SwAV lr/1000 from their presets)")
+    g.add_argument("--min-lr", type=float, default=0.0,
+                   help="final lr of the cosine schedule (default: 0; DINO 1e-6, SwAV lr/1000 from their presets)")
     g.add_argument("--warmup-epochs", type=float, default=None)
     g.add_argument("--optimizer", default=None, choices=["sgd", "lars", "adamw"])
     g.add_argument("--momentum", type=float, default=0.9, help="SGD/LARS momentum (default: 0.9)")
@@ -178,13 +179,13 @@ def _dataset(args, split: str, transform):
         return ArrayDataset(images, labels, transform)
     from .data.imagefolder import ImageFolderDataset, find_classes
 
-    root = Path(args.data) / split
-    for r in {root, Path(args.data) / "train"}:
+    root, train_root = Path(args.data) / split, Path(args.data) / "train"
+    for r in dict.fromkeys((train_root, root)):  # (train first: val's labels need it)
         if not r.is_dir():
             raise FileNotFoundError(f"--data {args.data}: no {r.name}/ folder at {r} (expected the ImageNet layout "
                                     f"{args.data}/train/<class>/*.jpg and {args.data}/val/<class>/*.jpg)")
     # val labels follow train's class order (a val split missing a class must not shift the labels)
-    classes = None if split == "train" else find_classes(Path(args.data) / "train")
+    classes = None if split == "train" else find_classes(train_root)
     return ImageFolderDataset(root, transform, classes=classes)
 
 
@@ -247,9 +248,8 @@ def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn
         backbone = {k: v.detach().clone() for k, v in method.backbone.state_dict().items()}  # (ZeRO: views)
         from .eval.export import model_kwargs_of
 
-        bb = type(method.backbone)
         torch.save({"backbone": backbone, "arch": args.arch, "model_kwargs": model_kwargs_of({"args": vars(args)}),
-                    "backbone_class": f"{bb.__module__}.{bb.__qualname__}"}, out / "backbone.pth")
+                    "backbone_class": trainer.backbone_record()["backbone_class"]}, out / "backbone.pth")
         (out / "result.json").write_text(json.dumps(result, indent=1))
         print(f"done: {json.dumps(result)}; backbone weights in {out / 'backbone.pth'}", flush=True)
     if torch.distributed.is_initialized():

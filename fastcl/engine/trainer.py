@@ -32,6 +32,12 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+@torch.no_grad()
+def _broadcast_from_rank0(tensors) -> None:
+    for t in tensors:
+        dist.broadcast(t.data, src=0)
+
+
 @dataclass
 class TrainConfig:
     out_dir: str = "output"
@@ -116,20 +122,16 @@ class Trainer:
         """Rank 0's parameters and buffers to every rank. DDP runs with ``broadcast_buffers=False`` (queues,
         banks and centers are the methods' own), so it would leave randomly initialised buffers (a MoCo queue,
         an InstDisc memory bank) different on each rank, each seeded with its own rank."""
-        for t in [*self.method.parameters(), *self.method.buffers()]:
-            dist.broadcast(t.data, src=0)
+        _broadcast_from_rank0([*self.method.parameters(), *self.method.buffers()])
 
     @torch.no_grad()
     def _sync_norm_stats(self) -> None:
         """BN running statistics drift apart per rank (DDP without buffer broadcast, no SyncBN in the ResNet
         methods): give every rank rank 0's before kNN and checkpoints, as DDP's default buffer broadcast does."""
-        if self.dist.world_size == 1:
-            return
-        for m in self.method.modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-                for t in (m.running_mean, m.running_var, m.num_batches_tracked):
-                    if t is not None:
-                        dist.broadcast(t, src=0)
+        if self.dist.world_size > 1:
+            _broadcast_from_rank0([t for m in self.method.modules()
+                                   if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+                                   for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None])
 
     # ------------------------------------------------------------------ schedules
     def _build_schedules(self) -> dict[str, np.ndarray]:
@@ -164,21 +166,20 @@ class Trainer:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
-        bb = type(self.method.backbone)
-        return {"model": self.method.state_dict(), "backbone_prefix": self._backbone_prefix(),
-                "backbone_class": f"{bb.__module__}.{bb.__qualname__}",  # export: torchvision/timm or not
+        return {"model": self.method.state_dict(), **self.backbone_record(),
                 "optimizer": None if self.zero else self.optimizer.state_dict(),  # ZeRO: shards, see save
                 "scaler": self.scaler.state_dict(),
                 "position": {"epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step},
                 "rng": rngs, "world_size": self.dist.world_size,
                 "config": dataclasses.asdict(self.cfg), "args": self.cfg.extra}  # args: the recipe's (arch, ...)
 
-    def _backbone_prefix(self) -> str | None:
-        """Where the backbone sits in ``model`` (``teacher_backbone.`` for DINO's teacher, ...), for export."""
-        for name, module in self.method.named_modules():
-            if name and module is self.method.backbone:
-                return name + "."
-        return None
+    def backbone_record(self) -> dict:
+        """What export needs to find and rebuild the backbone: where it sits in ``model`` (DINO: the teacher's,
+        ``teacher_backbone.``) and its class (a fastcl encoder has no torchvision/timm counterpart)."""
+        backbone = self.method.backbone
+        prefix = next((name + "." for name, m in self.method.named_modules() if name and m is backbone), None)
+        cls = type(backbone)
+        return {"backbone_prefix": prefix, "backbone_class": f"{cls.__module__}.{cls.__qualname__}"}
 
     def save(self, name: str = LATEST) -> None:
         path = Path(self.cfg.out_dir) / name
