@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS CMD...: run, keep the log, print one summary line
 }
 {
   cat "$OUT/env.txt"
-  step tests_gpu 180 python -m pytest tests/kernels tests/data/test_dali.py tests/kernels/test_method_steps.py -q -rs -x
+  step tests_gpu 180 python -m pytest tests/kernels tests/data/test_dali.py tests/data/test_dali_color.py -q -rs -x
   step bench_kernels 200 python -m pytest benchmarks/bench_infonce.py benchmarks/bench_ema.py \
     benchmarks/bench_dino_loss.py benchmarks/bench_queue.py benchmarks/bench_sinkhorn.py -s -q -p no:cacheprovider
   step bench_train_step 90 python -m pytest benchmarks/bench_train_step.py -s -q -p no:cacheprovider

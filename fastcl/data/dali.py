@@ -9,9 +9,10 @@ Per ``ViewSpec`` (one DALI branch per output view, in ``spec.expanded()`` order)
     random resized crop     fused ROI decode ``decoders.image_random_crop`` + ``resize`` (``decode="fused"``,
                             default on the GPU for <= 2 views) or one full decode shared by all views +
                             ``random_resized_crop`` (``"once"``: multi-crop, and the CPU twin)
-    colour jitter (p)       ``brightness_contrast`` (contrast around the image's mean grey level, as
-                            torchvision), ``hsv`` (saturation), HSV hue shift (``_hue_shift``);
-                            factors ~ U[max(0, 1-s), 1+s], hue ~ U[-h, h] turns
+    colour jitter (p)       brightness, contrast (around the image's mean grey level, as torchvision) and
+                            saturation as one per-sample affine map (``_color_affine``), then the HSV
+                            hue shift (``_hue_shift``), arithmetic on the R, G, B planes; factors ~
+                            U[max(0, 1-s), 1+s], hue ~ U[-h, h] turns
     grayscale (p)           ``hsv(saturation=0)`` (Y = .299 R + .587 G + .114 B, 3 channels kept)
     gaussian blur (p)       ``gaussian_blur(window_size=view.blur_kernel_size, sigma ~ U[blur_sigma])``
     solarize (p)            ``lookup_table``: x >= 255 * threshold -> 255 - x
@@ -21,9 +22,10 @@ Per ``ViewSpec`` (one DALI branch per output view, in ``spec.expanded()`` order)
 Probabilistic ops are DALI conditionals (``enable_conditionals=True``): a sample that draws "no"
 skips the op instead of running it with neutral parameters. Known, documented differences from the
 torchvision twin (``fastcl.data.transforms``), all within the statistical tests' tolerances:
-the four jitter ops run in a fixed order instead of a random one (brightness, contrast and
-saturation commute exactly up to intermediate clipping, see ``_jitter``; the HSV hue shift nearly
-does); resampling is DALI's antialiased linear filter.
+brightness, contrast and saturation are one affine map clamped once (torchvision's random order of
+the three gives the same result up to intermediate clipping, see ``_color_affine``); the hue shift comes
+after them (it commutes with brightness and nearly with the rest); resampling is DALI's antialiased
+linear filter.
 
 Reading and sharding: the loader reads the ImageFolder index space of
 ``fastcl.data.imagefolder.ImageFolderDataset`` (sorted classes, sorted files, ``index`` = position)
@@ -156,62 +158,86 @@ def _factor(strength: float):
     return fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
 
 
+# grey level (ITU-R 601). torchvision's rgb_to_grayscale weighs red 0.2989 (sum 0.9999, so its saturation
+# darkens greys by up to 1e-4): these sum to 1, which keeps the grey axis fixed as _color_affine assumes
+_LUMA = (0.299, 0.587, 0.114)
+_CHROMA_EPS = 1e-6  # divisor floor for grey pixels (C = 0: every hue difference is 0, any hue works)
+
+
 def _jitter(img, v: ViewSpec):
-    """ColorJitter(b, c, s, h) on uint8 HWC.
+    """ColorJitter(b, c, s, h) on uint8 HWC: one affine colour map (brightness, contrast, saturation), then
+    the HSV hue shift, rounded to uint8 once.
 
-    torchvision applies the four ops in a random order; here the order is fixed. With
-    m = mean grey level, brightness (x -> b x), contrast (x -> m + c (x - m)) and saturation
-    (x -> Y + s (x - Y), Y = grey level of x) are linear maps that preserve or scale m consistently,
-    so they commute; only intermediate clipping to [0, 255] differs between orders. The HSV hue
-    shift keeps V and S, hence commutes with brightness and nearly with the rest.
+    Each DALI arithmetic node is one pass over its operands (one kernel on the GPU: DALI does not fuse
+    them), so the maps are written as few passes; they run on the three (H, W) channel planes, on which DALI's
+    CPU arithmetic costs several times less per element than on the interleaved HWC image (DALI 2.4).
     """
     from nvidia.dali import fn, types
-    import nvidia.dali.math as dmath
-    if v.brightness > 0 or v.contrast > 0:
-        # Arithmetic, not fn.brightness_contrast: its contrast_center is a named argument, which DALI takes
-        # only from CPU nodes, and after the mixed decode the image (so its mean) lives on the GPU.
-        x = img * 1.0  # float32
-        if v.brightness > 0:
-            x = dmath.clamp(x * _factor(v.brightness), 0.0, 255.0)
-        if v.contrast > 0:
-            # torchvision blends with the mean of the grayscale image (not a fixed mid-grey)
-            luma = types.Constant(np.array([0.299, 0.587, 0.114], np.float32))
-            grey_mean = fn.reductions.sum(fn.reductions.mean(x, axes=[0, 1]) * luma)
-            x = grey_mean + _factor(v.contrast) * (x - grey_mean)
-        img = fn.reshape(fn.cast(dmath.clamp(x, 0.0, 255.0), dtype=types.UINT8), layout="HWC")
-    if v.saturation > 0:
-        img = fn.hsv(img, saturation=_factor(v.saturation))  # scales YIQ chroma = blend with grey
+    planes = [img[:, :, ch] for ch in range(3)]
+    if v.brightness > 0 or v.contrast > 0 or v.saturation > 0:
+        planes = _color_affine(planes, img, *(_factor(s) if s > 0 else None
+                                              for s in (v.brightness, v.contrast, v.saturation)))
+    else:
+        planes = [fn.cast(p, dtype=types.FLOAT) for p in planes]
     if v.hue > 0:
-        img = _hue_shift(img, fn.random.uniform(range=[-v.hue, v.hue]))
-    return img
+        planes = _hue_shift(planes, fn.random.uniform(range=[-v.hue, v.hue]))
+    return fn.reshape(fn.stack(*(fn.cast(p, dtype=types.UINT8) for p in planes), axis=2), layout="HWC")
 
 
-def _hue_shift(img, turns):
-    """HSV hue shift by ``turns`` on uint8 HWC, as torchvision's ``adjust_hue`` (one fused DALI
-    arithmetic expression per output channel; DALI's own ``hsv(hue=)`` rotates in YIQ instead,
-    which moves the HSV hue of saturated colours up to 40% further).
+def _color_affine(planes, img, brightness=None, contrast=None, saturation=None):
+    """torchvision's adjust_brightness, adjust_contrast and adjust_saturation as one affine map, then one clamp
+    to [0, 255]. ``planes``: the R, G, B planes of ``img`` (HWC); factors: per-sample scalar nodes or floats,
+    ``None`` = 1 (op off). Returns float32 R, G, B planes.
 
-    RGB -> (V, C, H): V = max, C = V - min, H in sixths from the max channel; back with
-    channel(n) = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + H) mod 6, n = 5, 3, 1 for R, G, B.
+    With m = the mean grey level of the image and Y = the grey level (luma) of a pixel:
+    brightness b: x -> b x; contrast c: x -> c x + (1 - c) m (m of the current image); saturation s:
+    x -> s x + (1 - s) Y. All three are linear, fix the grey axis and keep the mean grey level consistent
+    (b scales it, c and s keep it), so in every order they compose to ``b c s x + b c (1 - s) Y + b (1 - c) m``.
+    torchvision applies them in a random order and clamps after each; the single map equals each of its
+    orders whenever no intermediate value clips.
+
+    Arithmetic, not ``fn.brightness_contrast``: its ``contrast_center`` is a named argument, which DALI takes
+    only from CPU nodes, and after the mixed decode the image (so its mean) lives on the GPU.
     """
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
-    x = img * 1.0  # float32
-    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    b = 1.0 if brightness is None else brightness
+    bc = b if contrast is None else b * contrast
+    offset = None  # the grey shared by the three channels
+    if saturation is not None:
+        luma = _LUMA[0] * planes[0] + _LUMA[1] * planes[1] + _LUMA[2] * planes[2]
+        offset = (bc * (1.0 - saturation)) * luma
+        bc = bc * saturation
+    if contrast is not None:
+        mean_grey = fn.reductions.sum(fn.reductions.mean(img, axes=[0, 1]) * types.Constant(np.float32(_LUMA)))
+        shift = (b * (1.0 - contrast)) * mean_grey  # per-sample scalar
+        offset = shift if offset is None else offset + shift
+    out = [bc * p if offset is None else bc * p + offset for p in planes]
+    return [dmath.clamp(p, 0.0, 255.0) for p in out]
+
+
+def _hue_shift(planes, turns):
+    """HSV hue shift by ``turns`` (per-sample scalar in [-0.5, 0.5]) of float R, G, B planes in [0, 255]
+    (uint8 ones would wrap in G - B), as torchvision's ``adjust_hue``; returns float32 planes. DALI's own
+    ``hsv(hue=)`` rotates in YIQ instead, which moves the HSV hue of saturated colours up to 40% further.
+
+    V = max, C = V - min; hue H in sixths from the max channel: R (G-B)/C, G 2 + (B-R)/C, B 4 + (R-G)/C.
+    R's offset is 6, not 0, so that tied maxima agree modulo 6 (R=G: 7 and 1, R=B: 5 and 5, G=B: 3 and 3)
+    and the largest candidate of a max channel is a right one. Back, with V and C kept: channel n =
+    V - C * clamp(min(k, 4 - k), 0, 1), k = (H + n + 6 turns) mod 6, n = 5, 3, 1 for R, G, B.
+    """
+    import nvidia.dali.math as dmath
+    r, g, b = planes
     v = dmath.max(r, dmath.max(g, b))
     c = v - dmath.min(r, dmath.min(g, b))
-    inv_c = 1.0 / (c + (c == 0))  # grey pixels: any hue, C = 0 keeps them grey
-    is_r = r == v
-    is_g = (g == v) * (1 - is_r)
-    h = (is_r * ((g - b) * inv_c) + is_g * ((b - r) * inv_c + 2.0)
-         + (1 - is_r - is_g) * ((r - g) * inv_c + 4.0)) + 6.0 * turns
-    chans = []
+    inv_c = 1.0 / dmath.max(c, _CHROMA_EPS)
+    h = dmath.max(dmath.max((r == v) * ((g - b) * inv_c + 6.0), (g == v) * ((b - r) * inv_c + 2.0)),
+                  (b == v) * ((r - g) * inv_c + 4.0))  # in [1, 7]
+    out = []
     for n in (5.0, 3.0, 1.0):
-        k = n + h
-        k = k - 6.0 * dmath.floor(k / 6.0)
-        chans.append(v - c * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
-    out = fn.cast(dmath.clamp(fn.stack(*chans, axis=2), 0.0, 255.0), dtype=types.UINT8)
-    return fn.reshape(out, layout="HWC")
+        k = (h + (turns * 6.0 + (n + 6.0))) % 6.0  # + 6: k >= 0, so % is a true mod
+        out.append(v - c * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
+    return out
 
 
 def _maybe(p: float, op, img, *args):
