@@ -9,7 +9,9 @@ DataLoader ``num_workers`` = ``FASTCL_BENCH_WORKERS``, default 2) and the same a
 
 Each round is one full epoch over the folder (after one warm-up epoch; pipelines and workers are
 persistent); img/s counts source images (each yields all its views). The median with 20th/80th
-percentiles is printed per back end, then the DALI/torch ratio per spec. On CUDA the DALI pipeline
+percentiles is printed per back end, then the DALI/torch ratio per spec, and the share of the DALI
+pipeline's time that its photometric ops take (``test_dali_geometry_only``: the same pipeline with them
+off; on a GPU this is the GPU work to shrink). On CUDA the DALI pipeline
 runs on the GPU (mixed decode) and ``test_moco_step_*`` also times a MoCo v2 ResNet-50 training step
 fed by the pipeline vs by synthetic tensors (skipped without CUDA).
 
@@ -22,6 +24,7 @@ the device, torch/DALI versions and the config.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -103,15 +106,8 @@ def _epoch(loader, device) -> int:
     return n
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
-@pytest.mark.parametrize("spec_name", list(SPECS))
-def test_pipeline_throughput(benchmark, folder, spec_name, backend):
-    if backend == "dali":
-        from fastcl.data.dali import dali_available
-        if not dali_available():
-            pytest.skip("nvidia-dali not installed")
-    spec = SPECS[spec_name]()
-    loader = (_dali_loader if backend == "dali" else _torch_loader)(folder, spec)
+def _throughput(benchmark, loader, spec, spec_name: str, backend: str) -> None:
+    """Time ROUNDS epochs of ``loader``; record, append to the CSV and print the img/s quantiles."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     epoch = iter(range(10 ** 6))
     counts = []
@@ -135,6 +131,33 @@ def test_pipeline_throughput(benchmark, folder, spec_name, backend):
           f"{spec.num_views} views, {WORKERS} threads/workers, {device}")
 
 
+def _dali_or_skip():
+    from fastcl.data.dali import dali_available
+    if not dali_available():
+        pytest.skip("nvidia-dali not installed")
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_pipeline_throughput(benchmark, folder, spec_name, backend):
+    if backend == "dali":
+        _dali_or_skip()
+    spec = SPECS[spec_name]()
+    loader = (_dali_loader if backend == "dali" else _torch_loader)(folder, spec)
+    _throughput(benchmark, loader, spec, spec_name, backend)
+
+
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_dali_geometry_only(benchmark, folder, spec_name):
+    """The DALI pipeline with its photometric ops off (decode, crop, resize, flip, normalize): the difference to
+    the full pipeline's rate is what colour jitter, grayscale, blur and solarize cost (printed by the summary)."""
+    _dali_or_skip()
+    spec = SPECS[spec_name]()
+    off = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+    spec = augment.AugmentSpec(tuple(replace(v, **off) for v in spec.views), spec.counts)
+    _throughput(benchmark, _dali_loader(folder, spec), spec, spec_name, "dali-geometry")
+
+
 def test_summary_ratio():
     """Print DALI / torch img/s per spec (needs the throughput tests above in the same run)."""
     if not RESULTS:
@@ -144,6 +167,10 @@ def test_summary_ratio():
         if d and t:
             print(f"\n[{name}] DALI {d[0.5]:.1f} img/s vs torchvision {t[0.5]:.1f} img/s: "
                   f"ratio {d[0.5] / t[0.5]:.2f}x ({d['device']}, {WORKERS} threads/workers)")
+        g = RESULTS.get((name, "dali-geometry"))
+        if d and g:  # per-image time: 1/d in all, 1/g without the photometric ops
+            print(f"[{name}] DALI photometric ops (jitter, grayscale, blur, solarize): {1 - d[0.5] / g[0.5]:.0%} of "
+                  f"the pipeline's time per image ({g[0.5]:.1f} img/s without them, {d['device']})")
 
 
 # ============ GPU: MoCo v2 R50 step, pipeline-fed vs synthetic ============
