@@ -24,8 +24,9 @@ skips the op instead of running it with neutral parameters. Known, documented di
 torchvision twin (``fastcl.data.transforms``), all within the statistical tests' tolerances:
 brightness, contrast and saturation are one affine map clamped once (torchvision's random order of
 the three gives the same result up to intermediate clipping, see ``_color_affine``); the hue shift comes
-after them (it commutes with brightness and nearly with the rest); resampling is DALI's antialiased
-linear filter.
+after them (it commutes with brightness and nearly with the rest); the jittered pixels are rounded to
+uint8 once, where torchvision's uint8 ops truncate after each op (the twin's jittered views come out ~1.7
+grey levels darker on average where nothing clips); resampling is DALI's antialiased linear filter.
 
 Reading and sharding: the loader reads the ImageFolder index space of
 ``fastcl.data.imagefolder.ImageFolderDataset`` (sorted classes, sorted files, ``index`` = position)
@@ -165,8 +166,16 @@ _CHROMA_EPS = 1e-6  # divisor floor for grey pixels (C = 0: every hue difference
 
 
 def _jitter(img, v: ViewSpec):
-    """ColorJitter(b, c, s, h) on uint8 HWC: one affine colour map (brightness, contrast, saturation), then
-    the HSV hue shift, rounded to uint8 once.
+    """ColorJitter(b, c, s, h) on uint8 HWC with per-sample factors ~ U[max(0, 1 - s), 1 + s], hue ~ U[-h, h]."""
+    from nvidia.dali import fn
+    factors = [_factor(s) if s > 0 else None for s in (v.brightness, v.contrast, v.saturation)]
+    turns = fn.random.uniform(range=[-v.hue, v.hue]) if v.hue > 0 else None
+    return _color_jitter(img, *factors, hue_turns=turns)
+
+
+def _color_jitter(img, brightness=None, contrast=None, saturation=None, hue_turns=None):
+    """One affine colour map (brightness, contrast, saturation), then the HSV hue shift, on uint8 HWC; rounded
+    to uint8 once. Factors: per-sample scalar nodes, ``None`` = op off.
 
     Each DALI arithmetic node is one pass over its operands (one kernel on the GPU: DALI does not fuse
     them), so the maps are written as few passes; they run on the three (H, W) channel planes, on which DALI's
@@ -174,13 +183,12 @@ def _jitter(img, v: ViewSpec):
     """
     from nvidia.dali import fn, types
     planes = [img[:, :, ch] for ch in range(3)]
-    if v.brightness > 0 or v.contrast > 0 or v.saturation > 0:
-        planes = _color_affine(planes, img, *(_factor(s) if s > 0 else None
-                                              for s in (v.brightness, v.contrast, v.saturation)))
+    if brightness is not None or contrast is not None or saturation is not None:
+        planes = _color_affine(planes, img, brightness, contrast, saturation)
     else:
-        planes = [fn.cast(p, dtype=types.FLOAT) for p in planes]
-    if v.hue > 0:
-        planes = _hue_shift(planes, fn.random.uniform(range=[-v.hue, v.hue]))
+        planes = [fn.cast(p, dtype=types.FLOAT) for p in planes]  # uint8 would wrap in the hue's G - B
+    if hue_turns is not None:
+        planes = _hue_shift(planes, hue_turns)
     return fn.reshape(fn.stack(*(fn.cast(p, dtype=types.UINT8) for p in planes), axis=2), layout="HWC")
 
 

@@ -158,10 +158,14 @@ def test_real_progressive_imagenet_jpegs(tmp_path):
 @pytest.mark.parametrize("preset", ["mocov1", "mocov2_aug_plus", "simclr", "byol", "multicrop"])
 @pytest.mark.parametrize("decode", ["fused", "once"])
 def test_gpu_pipeline_graph_builds_without_a_gpu(preset, decode):
-    """The GPU graph (mixed decode, GPU operators) is checked by DALI when it is built, which needs no device:
-    e.g. a GPU node passed as a named argument (brightness_contrast's contrast_center once was) is rejected
-    there. Building it here catches that on CPU CI; running it needs CUDA (test_gpu_pipeline)."""
+    """The GPU graph (mixed decode, GPU operators) traced without a device: DALI rejects there a GPU node passed
+    as a named argument (brightness_contrast's contrast_center once was), and every operator instance must have
+    a kernel registered for its placement (a CPU-only operator fed a GPU node traces fine but cannot run).
+    Shapes, dtypes and branch merges are not checked by tracing: the CPU twin runs the same graph for those;
+    running it on a GPU needs CUDA (test_gpu_pipeline, test_dali_color.py)."""
+    from nvidia.dali.ops import _registry
     from fastcl.data.dali import build_pipeline
+    registered = {"cpu": _registry.cpu_ops(), "gpu": _registry.gpu_ops(), "mixed": _registry.mixed_ops()}
 
     def no_data(_=None):
         raise StopIteration
@@ -170,6 +174,9 @@ def test_gpu_pipeline_graph_builds_without_a_gpu(preset, decode):
         pipe = build_pipeline(getattr(augment, preset)(), 4, no_data, device_id=0, decode=decode, dtype=dtype,
                               channels_last=channels_last)
         pipe._build_graph()  # (private: Pipeline.build() would also allocate the device)
+        placed = {(getattr(o._op, "schema_name", None) or type(o._op).__name__, o._op.device) for o in pipe._ops}
+        assert ("decoders__Image" if decode == "once" else "decoders__ImageRandomCrop", "mixed") in placed
+        assert not [(name, dev) for name, dev in placed if name not in registered[dev]]
 
 
 @pytest.mark.gpu
