@@ -290,6 +290,9 @@ class Trainer:
         bar = Progress(end_step, self.step, enabled=self.dist.is_main)
         tput = Throughput()
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        # the step number on the device, counted there: a torch.tensor(step, device=cuda) per step would be a
+        # pageable host->device copy, i.e. a host sync every step (the CPU could never run ahead of the GPU)
+        step_t = torch.full((), self.step, dtype=torch.long, device=self.device)
         autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype)) if self.amp_dtype \
             else nullcontext
         result: dict = {}
@@ -312,8 +315,8 @@ class Trainer:
                 with nvtx_range("forward"), autocast():
                     out = self.model(views, info)
                 loss = out["loss"]
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
-                                       torch.tensor(self.step, device=self.device), bad_step)
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_t, bad_step)
+                step_t += 1
                 with nvtx_range("backward"):
                     if self.zero:
                         self.zero.backward(loss)

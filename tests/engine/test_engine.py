@@ -129,7 +129,7 @@ CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 def _train(tmp, max_steps, log, method=None, loader=None, **kw):
     cfg = TrainConfig(out_dir=str(tmp), epochs=3, batch_size=6, optimizer="sgd", lr=0.1, weight_decay=1e-3,
-                      warmup_epochs=1, log_every=1, max_steps=max_steps, amp="none", **kw)
+                      warmup_epochs=1, max_steps=max_steps, amp="none", **{"log_every": 1, **kw})
     t = Trainer(method or ToyMethod(), loader or ToyLoader(), cfg, CPU, log_fn=log.append)
     t.fit()
     return t
@@ -278,3 +278,43 @@ def test_ddp_ranks_start_equal_and_stop_together_on_one_ranks_nan(tmp_path):
     ckpt = torch.load(tmp_path / "bn" / "checkpoint.pth", weights_only=False)
     for k in ("running_mean", "running_var"):
         assert torch.equal(r0["bn"][k], r1["bn"][k]) and torch.equal(r0["bn"][k], ckpt["model"][f"norm.{k}"]), k
+
+
+class _HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that are a host-device sync on CUDA: reading a scalar back (``.item()``, ``float(t)``,
+    ``bool(t)``: ``_local_scalar_dense``) and making a tensor from Python data (``torch.tensor(x, device=...)``:
+    ``lift_fresh``, a pageable host->device copy). Seen on CPU tensors too, so CI counts them without a GPU."""
+
+    SYNC_OPS = ("aten._local_scalar_dense", "aten.lift_fresh")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.SYNC_OPS):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_steady_state_step_has_no_host_sync(tmp_path):
+    """Between two log/checkpoint points a step reads nothing back and makes no tensor from host data
+    (was: torch.tensor(step, device=...) every step for the non-finite bookkeeping)."""
+    marks = []
+
+    class Marked(ToyMethod):
+        def after_optimizer_step(self, step):
+            super().after_optimizer_step(step)
+            marks.append(counter.count)
+
+    counter = _HostSyncCounter()
+    with counter:
+        _train(tmp_path, 8, [], method=Marked(), log_every=10**6, ckpt_every=0)
+    steady = [b - a for a, b in zip(marks[1:-1], marks[2:])]  # steps 2..7: no log, checkpoint or epoch end
+    assert len(steady) == 6 and steady == [0] * 6, steady
+    assert counter.count > 0  # the counter sees syncs: the final non-finite check and the checkpoint read one
+
+
+def test_non_finite_step_is_still_named_without_a_sync_per_step(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="step 6"):
+        _train(tmp_path, 0, [], method=ToyMethod(nan_at_step=6), log_every=10**6, ckpt_every=0)
