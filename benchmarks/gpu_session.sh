@@ -1,24 +1,39 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one device call (about 8 minutes on one H100/H200): the GPU-only tests,
-# then every benchmark (data pipeline first: the open DALI issue; training step; kernels), each step under its
-# own time limit and all within $FASTCL_GPU_BUDGET seconds (default 540: a device call ends at 600 s and the
-# staged DALI must be unpacked first), logs in $OUT. For the lent device machine, whose image has
-# torch/triton/timm but not this package (nor DALI or DeepSpeed: stage them first with
+# Every GPU check of the project, in parts that fit the device calls of a lent GPU machine (15 minutes in all,
+# 10 per call, start-up included). Each part runs under its own time limit and all within $FASTCL_GPU_BUDGET
+# seconds (default 540); logs, JSON and PNG go to $OUT (default /tmp/fastcl-gpu), bundled so that at most 8
+# files come back. For the lent machine, whose image has torch/triton/timm but not this package, nor DALI,
+# DeepSpeed or CIFAR-10 (stage CIFAR-10 with benchmarks/stage_cifar10.py, DALI with
 # ../shared/tools/stage-device-wheels.sh and export PYTHONPATH=/tmp/site).
 #
-#   bash benchmarks/gpu_session.sh            # logs in $OUT (default /tmp/fastcl-gpu)
+#   bash benchmarks/gpu_session.sh [PART ...]     # default: tests step kernels cifar data
+#
+# Parts, in the order of value of the GPU-proof issue:
+#   tests    the GPU-only tests: kernels in fp32/fp16/bf16 compiled for the real GPU, DALI's GPU graph
+#   cifar    a CIFAR-10 MoCo v2 run sized to $FASTCL_CIFAR_BUDGET s (default 300) with kNN against minutes
+#            (needs CIFAR-10 under $FASTCL_DATA; benchmarks/cifar_run.py)
+#   step     training steps: MoCo v2 R50 hand loop / torch / fused / compiled, CIFAR split BN, DINO ViT-S/16, S/8
+#   kernels  the fused kernels against torch and their floors
+#   data     the DALI pipeline's throughput (needs DALI staged)
+# Two calls with the CIFAR-10 staging (one chunk each):
+#   1. carry [".devdata1"]: mkdir -p /tmp/dd && cp .devdata1/* /tmp/dd/ && bash benchmarks/gpu_session.sh tests step kernels
+#   2. carry [".devdata2"]: cp .devdata2/* /tmp/dd/ && python3 benchmarks/stage_cifar10.py unpack /tmp/dd --root /tmp/fdata &&
+#      FASTCL_DATA=/tmp/fdata bash benchmarks/gpu_session.sh cifar
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fastcl-gpu}
-mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 TORCH_EXTENSIONS_DIR="$PWD/.torch_extensions"
-if ! python -c "import fastcl.kernels" 2>/dev/null; then
-  python -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 ||
+PY=${PY:-python3}
+mkdir -p "$OUT/logs"
+export HF_HUB_OFFLINE=1 TORCH_EXTENSIONS_DIR="$PWD/.torch_extensions" PYTHONUNBUFFERED=1
+BENCH_JSON=/tmp/fastcl_bench.jsonl  # kept on the machine between calls: cifar sizes its run from the step bench
+if ! $PY -c "import fastcl.kernels" 2>/dev/null; then
+  $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/logs/install.log" 2>&1 ||
     { ln -sfn ../kernels fastcl/kernels; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }  # (a scratch copy)
 fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  python -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tail -1; } >"$OUT/env.txt" 2>&1
+{ date -u +%FT%TZ; git log -1 --format='commit %H %s' 2>/dev/null
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+  $PY -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tail -1; nproc; } >"$OUT/env.txt" 2>&1
 
 BUDGET=${FASTCL_GPU_BUDGET:-540}
 step() {  # step NAME SECONDS CMD...: run, keep the log, print one summary line
@@ -27,17 +42,38 @@ step() {  # step NAME SECONDS CMD...: run, keep the log, print one summary line
   if ((left < 20)); then echo "$name: skipped, ${BUDGET} s budget spent"; return; fi
   ((limit > left)) && limit=$left
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
   local rc=$?
-  echo "$name: rc=$rc in $((SECONDS - t0)) s; $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/$name.log" | tail -1)"
+  echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit); $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/logs/$name.log" | tail -1)"
+}
+PYTEST="$PY -m pytest -p no:cacheprovider"
+XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${FASTCL_TEST_PROCS:-6}"  # compile kernels in parallel
+run_part() {
+  case $1 in
+    tests) step tests_gpu "${FASTCL_TESTS_LIMIT:-120}" $PYTEST tests/kernels tests/data/test_dali.py tests/data/test_dali_color.py \
+             -q -rs $XDIST --timeout 90 --junitxml "$OUT/logs/tests_gpu.xml" ;;
+    cifar) step cifar "$((${FASTCL_CIFAR_BUDGET:-300} + 30))" $PY benchmarks/cifar_run.py --budget "${FASTCL_CIFAR_BUDGET:-300}" \
+             --out "$OUT/cifar" --step-json "$BENCH_JSON" ;;
+    step) FASTCL_BENCH_JSON=$BENCH_JSON step bench_train_step "${FASTCL_STEP_LIMIT:-150}" $PYTEST benchmarks/bench_train_step.py \
+             -s -q --benchmark-json "$OUT/logs/bench_train_step.json" ;;
+    kernels) step bench_kernels "${FASTCL_KERNELS_LIMIT:-120}" $PYTEST benchmarks/bench_infonce.py benchmarks/bench_ema.py \
+             benchmarks/bench_dino_loss.py benchmarks/bench_queue.py benchmarks/bench_sinkhorn.py -s -q \
+             --benchmark-json "$OUT/logs/bench_kernels.json" ;;
+    data) step bench_data "${FASTCL_DATA_LIMIT:-120}" $PYTEST benchmarks/bench_data.py -s -q \
+             --benchmark-json "$OUT/logs/bench_data.json" ;;
+    *) echo "unknown part $1 (tests cifar step kernels data)"; return 1 ;;
+  esac
 }
 {
   cat "$OUT/env.txt"
-  step tests_gpu 180 python -m pytest tests/kernels tests/data/test_dali.py tests/data/test_dali_color.py -q -rs -x
-  step bench_data 120 python -m pytest benchmarks/bench_data.py -s -q -p no:cacheprovider
-  step bench_train_step 90 python -m pytest benchmarks/bench_train_step.py -s -q -p no:cacheprovider
-  step bench_kernels 200 python -m pytest benchmarks/bench_infonce.py benchmarks/bench_ema.py \
-    benchmarks/bench_dino_loss.py benchmarks/bench_queue.py benchmarks/bench_sinkhorn.py -s -q -p no:cacheprovider
+  for part in "${@:-tests step kernels cifar data}"; do for p in $part; do run_part "$p"; done; done
   echo; echo "== results =="
-  grep -hE "^\[|speedup|floor|ratio [0-9]|projected|budget" "$OUT"/bench_*.log
+  grep -hE "^\[|speedup|floor|ratio|projected|img/s|budget|ms/step|cifar_run" "$OUT"/logs/bench_*.log "$OUT"/logs/cifar.log 2>/dev/null
+  grep -hE "^(FAILED|ERROR)|(passed|failed|error)" "$OUT"/logs/tests_gpu.log 2>/dev/null | tail -30
 } 2>&1 | tee "$OUT/summary.txt"
+[ -f "$BENCH_JSON" ] && cp "$BENCH_JSON" "$OUT/bench_steps.jsonl"
+# at most 8 files come back, 2 folders down: the summary, the JSON/PNG results, and the logs as one archive
+[ -d "$OUT/cifar" ] && { cp "$OUT"/cifar/cifar_run.json "$OUT"/cifar/knn_vs_minutes.png "$OUT"/ 2>/dev/null
+  cp "$OUT"/cifar/log.jsonl "$OUT"/cifar/train.log "$OUT/logs/" 2>/dev/null; rm -rf "$OUT/cifar"; }
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+ls -la "$OUT"

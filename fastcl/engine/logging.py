@@ -41,10 +41,11 @@ class RunLogger:
             return
         record = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (int, str)) else v)
                   for k, v in record.items()}
+        record.setdefault("time", round(time.time(), 3))  # wall clock (Unix s): accuracy vs minutes, step gaps
         self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None and "step" in record:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                if isinstance(v, (int, float)) and k not in ("step", "epoch", "time"):
                     self._tb.add_scalar(k, v, record["step"])
 
     def print(self, *args) -> None:
