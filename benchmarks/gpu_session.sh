@@ -16,7 +16,7 @@
 #   kernels  the fused kernels against torch and their floors
 #   data     the DALI pipeline's throughput (needs DALI staged)
 # Two calls with the CIFAR-10 staging (one chunk each):
-#   1. carry [".devdata1"]: mkdir -p /tmp/dd && cp .devdata1/* /tmp/dd/ && bash benchmarks/gpu_session.sh tests step kernels
+#   1. carry [".devdata1"]: mkdir -p /tmp/dd && cp .devdata1/* /tmp/dd/ && FASTCL_COMMIT=<sha> bash benchmarks/gpu_session.sh tests step kernels
 #   2. carry [".devdata2"]: cp .devdata2/* /tmp/dd/ && python3 benchmarks/stage_cifar10.py unpack /tmp/dd --root /tmp/fdata &&
 #      FASTCL_DATA=/tmp/fdata bash benchmarks/gpu_session.sh cifar
 set -uo pipefail
@@ -30,7 +30,8 @@ if ! $PY -c "import fastcl.kernels" 2>/dev/null; then
   $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/logs/install.log" 2>&1 ||
     { ln -sfn ../kernels fastcl/kernels; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }  # (a scratch copy)
 fi
-{ date -u +%FT%TZ; git log -1 --format='commit %H %s' 2>/dev/null
+# the device copy's .git can lag the tree that travels: pass FASTCL_COMMIT=$(git rev-parse --short HEAD) from here
+{ date -u +%FT%TZ; echo "commit ${FASTCL_COMMIT:-unknown (pass FASTCL_COMMIT)}"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
   $PY -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tail -1; nproc; } >"$OUT/env.txt" 2>&1

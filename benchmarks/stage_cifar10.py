@@ -35,7 +35,7 @@ def _sha(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def pack(root: str | None, dest: Path) -> list[Path]:
+def pack(root: str | None, dest: Path, block: int = BLOCK) -> list[Path]:
     from PIL import Image
 
     from fastcl.data.cifar10 import load_cifar10, prepare_cifar10
@@ -43,15 +43,15 @@ def pack(root: str | None, dest: Path) -> list[Path]:
     npy = prepare_cifar10(root) / "npy"
     src = json.loads((npy / "source.json").read_text()) if (npy / "source.json").exists() else {}
     files: dict[str, bytes] = {}
-    manifest = {"source": src, "block": BLOCK, "splits": {}}
+    manifest = {"source": src, "block": block, "splits": {}}
     for split in ("train", "test"):
         x, y = load_cifar10(root, split=split)
         names = []
-        for b in range(0, len(x), BLOCK):
+        for b in range(0, len(x), block):
             buf = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(x[b:b + BLOCK]).reshape(-1, 32 * 32, 3)).save(
+            Image.fromarray(np.ascontiguousarray(x[b:b + block]).reshape(-1, 32 * 32, 3)).save(
                 buf, format="WEBP", lossless=True, quality=100, method=4)
-            names.append(f"{split}_{b // BLOCK}.webp")
+            names.append(f"{split}_{b // block}.webp")
             files[names[-1]] = buf.getvalue()
         lab = io.BytesIO()
         np.save(lab, y)
@@ -107,6 +107,7 @@ def unpack(src: Path, root: Path) -> Path:
             np.save(tmp / f"{split}_labels.npy", y)
         (tmp / "source.json").write_text(json.dumps({**manifest["source"], "staged": "webp lossless"}) + "\n")
         os.rename(tmp, npy)
+        os.chmod(npy, 0o755)  # (mkdtemp made it private)
         tmp.mkdir()  # (for the context manager's cleanup)
     print(f"CIFAR-10 unpacked to {npy} (SHA-256 checked)")
     return npy
@@ -117,12 +118,14 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("pack", help="write .devdata1/ .devdata2/ in the repository root")
     a.add_argument("--root", default=None, help="CIFAR-10 cache root (default: $FASTCL_DATA or ~/.cache/fastcl)")
+    a.add_argument("--dest", type=Path, default=Path(__file__).resolve().parents[1],
+                   help="where the .devdataN folders go (default: the repository root)")
     b = sub.add_parser("unpack", help="decode the staged files into <root>/cifar10/npy")
     b.add_argument("src", type=Path, help="folder holding the contents of every .devdataN")
     b.add_argument("--root", type=Path, required=True)
     args = p.parse_args(argv)
     if args.cmd == "pack":
-        pack(args.root, Path(__file__).resolve().parents[1])
+        pack(args.root, args.dest)
     else:
         unpack(args.src, args.root)
 
