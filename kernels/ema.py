@@ -33,15 +33,18 @@ BLOCK_SIZE_INTERP = 128  # the interpreter's cost is per op: small blocks keep C
 
 @triton.jit
 def _ema_update_kernel(T_PTRS, O_PTRS, NUMEL_ptr, BLK_TENSOR_ptr, BLK_START_ptr, MOM_ptr, momentum, REF_ptr,
-                       MOM_IS_TENSOR: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                       O_REF_ptr, MOM_IS_TENSOR: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Program p updates elements [start, start + BLOCK_SIZE) of tensor BLK_TENSOR[p]:
-        t ← o + m·(t − o)  (= m·t + (1 − m)·o), in fp32, stored back in the tensor's dtype."""
+        t ← o + m·(t − o)  (= m·t + (1 − m)·o), in fp32, stored back in the target's dtype.
+    Elements are addressed in memory order from each tensor's data pointer: any dense layout works as long
+    as target and online share strides (channels_last conv weights included). The online tensors may have
+    another dtype than the targets (O_REF_ptr's), e.g. an fp32 EMA of bf16 weights."""
     pid = tl.program_id(0)
     idx = tl.load(BLK_TENSOR_ptr + pid)
     start = tl.load(BLK_START_ptr + pid)  # int64: one ViT-g tensor can pass 2^31 elements
     n = tl.load(NUMEL_ptr + idx)
     t_ptr = tl.load(T_PTRS + idx).to(tl.pointer_type(REF_ptr.dtype.element_ty))
-    o_ptr = tl.load(O_PTRS + idx).to(tl.pointer_type(REF_ptr.dtype.element_ty))
+    o_ptr = tl.load(O_PTRS + idx).to(tl.pointer_type(O_REF_ptr.dtype.element_ty))
     offs = start + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
     if MOM_IS_TENSOR:
@@ -59,7 +62,8 @@ def _ema_update_kernel(T_PTRS, O_PTRS, NUMEL_ptr, BLK_TENSOR_ptr, BLK_START_ptr,
 
 
 class _PointerTable:
-    """Device tables for one (device, dtype) group of contiguous (target, online) pairs."""
+    """Device tables for one (device, target dtype, online dtype) group of dense (target, online) pairs with
+    equal strides."""
 
     def __init__(self, targets, onlines, block_size):
         self.targets, self.onlines, self.block_size = targets, onlines, block_size
@@ -78,12 +82,12 @@ class _PointerTable:
         self.blk_start = torch.tensor(blk_start, dtype=torch.int64).to(dev)
 
     def launch(self, momentum):
-        ref = self.targets[0]
+        ref, o_ref = self.targets[0], self.onlines[0]
         is_t = isinstance(momentum, torch.Tensor)
         mom_t = momentum.to(ref.device, torch.float32) if is_t else ref
         _ema_update_kernel[(self.n_blocks,)](
             self.t_ptrs, self.o_ptrs, self.numel, self.blk_tensor, self.blk_start, mom_t,
-            0.0 if is_t else float(momentum), ref,
+            0.0 if is_t else float(momentum), ref, o_ref,
             MOM_IS_TENSOR=is_t, BLOCK_SIZE=self.block_size, num_warps=1 if interpreting() else 8)
 
 
@@ -92,14 +96,30 @@ def _ptr_key(targets, onlines):
     return (tuple((t.data_ptr(), t.numel()) for t in targets), tuple(o.data_ptr() for o in onlines))
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """True if ``t``'s elements fill ``numel`` consecutive memory slots from its data pointer, in some order of
+    dimensions (contiguous, channels_last, any permutation of a contiguous tensor)."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _group(target_params, online_params):
-    """Split pairs into Triton groups by (device, dtype) and a torch remainder (dtype mismatch,
-    non-contiguous, empty)."""
+    """Split pairs into Triton groups by (device, target dtype, online dtype) and a torch remainder (different
+    devices or strides, a non-dense layout, empty tensors, other dtypes)."""
     groups, rest_t, rest_o = {}, [], []
     for t, o in zip(target_params, online_params):
-        if (t.dtype == o.dtype and t.device == o.device and t.is_contiguous() and o.is_contiguous()
-                and t.numel() > 0 and t.dtype in (torch.float32, torch.float16, torch.bfloat16)):
-            g = groups.setdefault((t.device, t.dtype), ([], []))
+        if (t.device == o.device and t.numel() > 0 and t.dtype in _KERNEL_DTYPES and o.dtype in _KERNEL_DTYPES
+                and t.stride() == o.stride() and _dense(t)):
+            g = groups.setdefault((t.device, t.dtype, o.dtype), ([], []))
             g[0].append(t)
             g[1].append(o)
         else:
@@ -135,11 +155,28 @@ def ema_update_triton(target_params, online_params, momentum, tables=None) -> No
 
 @torch.no_grad()
 def ema_update_reference(target_params, online_params, momentum) -> None:
+    """``torch._foreach_lerp_`` per (target dtype, online dtype) group; an online tensor of another dtype is
+    cast to the target's first (``_foreach_lerp_`` refuses mixed dtypes)."""
     if isinstance(momentum, torch.Tensor):
         weight = 1.0 - momentum.to(torch.float32)
     else:
         weight = 1.0 - float(momentum)
-    torch._foreach_lerp_(list(target_params), list(online_params), weight)
+    _reference_apply(_reference_plan(target_params, online_params), weight)
+
+
+def _reference_plan(target_params, online_params):
+    """((targets, onlines) of equal dtypes, (targets, onlines) whose online dtype differs)."""
+    same = [(t, o) for t, o in zip(target_params, online_params) if t.dtype == o.dtype]
+    mixed = [(t, o) for t, o in zip(target_params, online_params) if t.dtype != o.dtype]
+    return ([t for t, _ in same], [o for _, o in same]), ([t for t, _ in mixed], [o for _, o in mixed])
+
+
+def _reference_apply(plan, weight) -> None:
+    (ts, os_), (mt, mo) = plan
+    if ts:
+        torch._foreach_lerp_(ts, os_, weight)
+    if mt:  # (``_foreach_lerp_`` refuses mixed dtypes: cast the online tensors first)
+        torch._foreach_lerp_(mt, [o.to(t.dtype) for t, o in zip(mt, mo)], weight)
 
 
 @torch.no_grad()
@@ -190,28 +227,44 @@ class EMAUpdater:
         for t, o in zip(self.target_params, self.online_params):
             if t.shape != o.shape:
                 raise ValueError(f"shape mismatch {tuple(t.shape)} vs {tuple(o.shape)}")
+        self._all = self.target_params + self.online_params
         self._tables = None  # built lazily on the first Triton update
+        self._ptrs = None  # the data pointers the tables (and the cached decision) were made for
+        self._plan = None  # (kernels backend, use_triton) of the last update
 
-    def _build(self):
+    def _pointers(self) -> list[int]:
+        """Every tensor's data pointer, read in C (``map``): a ``.to()``, ``p.data = ...`` or a new storage
+        shows up here, and nothing else is inspected per step."""
+        return list(map(torch.Tensor.data_ptr, self._all))
+
+    def _build(self, ptrs):
         groups, self._rest_t, self._rest_o = _group([p.data for p in self.target_params],
                                                     [p.data for p in self.online_params])
         self._tables = [_PointerTable(ts, os_, _block_size()) for ts, os_ in groups.values()]
-        self._key = _ptr_key([p.data for p in self.target_params], [p.data for p in self.online_params])
+        self._ptrs = ptrs
 
     @torch.no_grad()
     def update(self, momentum) -> None:
-        """target ← momentum·target + (1 − momentum)·online; one launch per (device, dtype) group."""
-        if use_triton(*self.target_params, *self.online_params):
-            # a pointer moved (``.to()``, ``p.data = ...``): rebuild the tables (a host-side check only)
-            if self._tables is None or _ptr_key(self.target_params, self.online_params) != self._key:
-                self._build()
+        """target ← momentum·target + (1 − momentum)·online; one launch per (device, dtypes) group."""
+        from . import get_backend
+
+        ptrs = self._pointers()
+        if self._plan is None or self._plan[0] != get_backend() or ptrs != self._ptrs:
+            # tensors moved or the backend changed: decide again (a walk over the tensors, rare)
+            self._plan = (get_backend(), use_triton(*self._all),
+                          _reference_plan([p.data for p in self.target_params], [p.data for p in self.online_params]))
+            self._tables = None
+            self._ptrs = ptrs
+        if self._plan[1]:
+            if self._tables is None:
+                self._build(ptrs)
             for table in self._tables:
                 table.launch(momentum)
             if self._rest_t:
                 ema_update_reference(self._rest_t, self._rest_o, momentum)
         else:
-            ema_update_reference([p.data for p in self.target_params], [p.data for p in self.online_params],
-                                 momentum)
+            weight = 1.0 - (momentum.to(torch.float32) if isinstance(momentum, torch.Tensor) else float(momentum))
+            _reference_apply(self._plan[2], weight)
         if self.copy_buffers:
             torch._foreach_copy_(list(self._target.buffers()), list(self._online.buffers()))
 

@@ -150,6 +150,7 @@ class DINO(Method):
                               nn.ModuleList([self.teacher_backbone, self.teacher_head]))
         self.register_buffer("center", torch.zeros(1, out_dim))  # c: 1 x K
         self._batch_center: torch.Tensor | None = None
+        self._trainable: list[nn.Parameter] | None = None  # the clip's parameter list, gathered once
 
     @property
     def backbone(self) -> nn.Module:
@@ -180,10 +181,16 @@ class DINO(Method):
     @torch.no_grad()
     def before_optimizer_step(self, step: Step) -> None:
         if self.clip_grad > 0:  # per-parameter clip (DINO utils.clip_gradients), without host syncs
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if grads:
-                norms = torch._foreach_norm(grads)
-                torch._foreach_mul_(grads, [(self.clip_grad / (n + 1e-6)).clamp(max=1.0) for n in norms])
+            if self._trainable is None:
+                self._trainable = [p for p in self.parameters() if p.requires_grad]
+            grads = [p.grad for p in self._trainable if p.grad is not None]
+            if grads:  # g *= min(1, clip / (|g| + 1e-6)) per tensor, in a fixed number of foreach ops
+                coef = torch._foreach_norm(grads)
+                torch._foreach_add_(coef, 1e-6)
+                torch._foreach_reciprocal_(coef)
+                torch._foreach_mul_(coef, self.clip_grad)
+                torch._foreach_clamp_max_(coef, 1.0)
+                torch._foreach_mul_(grads, coef)
         if step.epoch < self.freeze_last_layer:  # no update at all (AdamW skips params without grad)
             for p in self.student_head.last_layer.parameters():
                 p.grad = None

@@ -270,3 +270,46 @@ def test_no_collapse_after_a_short_run(cifar_run):
     # entropy strictly between one-hot (0) and uniform (log K) collapse
     assert std > 0.5 / math.sqrt(d) and std > 0.6 * recs[0]["std"], (recs[0], recs[-1])
     assert 0.1 * math.log(K) < entropy < 0.95 * math.log(K), recs[-1]
+
+
+def _clip_reference(params, clip):
+    """facebookresearch/dino utils.clip_gradients, as written there."""
+    for p in params:
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+
+
+def test_gradient_clip_equals_dinos_and_costs_a_fixed_number_of_ops():
+    """Equal to DINO's per-parameter loop on random gradients (some above, some below the clip), and the number
+    of ops does not grow with the number of parameters (was 2 per parameter plus 2)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for nlayers in (2, 4):
+        torch.manual_seed(nlayers)
+        dino = DINO(nn.Linear(6, 16), 16, out_dim=32, hidden_dim=16, bottleneck_dim=8, nlayers=nlayers, clip_grad=1.0)
+        params = [p for p in dino.parameters() if p.requires_grad]
+        for i, p in enumerate(params):
+            p.grad = torch.randn_like(p) * (3.0 if i % 2 else 0.05)
+        ref = [p.grad.clone() for p in params]
+        ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+        for rp, g in zip(ref_params, ref):
+            rp.grad = g
+        _clip_reference(ref_params, 1.0)
+        Count.n = 0
+        with Count():
+            dino.before_optimizer_step(step(epoch=1))
+        counts.append(Count.n)
+        for p, rp in zip(params, ref_params):
+            torch.testing.assert_close(p.grad, rp.grad, rtol=1e-6, atol=1e-7)
+    assert counts[0] == counts[1] <= 8, counts
