@@ -41,12 +41,15 @@ ProjectionHead = MLPHead
 class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over ``num_splits`` sub-batches, as in the MoCo CIFAR demo.
 
-    Sub-batch j holds samples j, j+S, j+2S, ... (S = ``num_splits``): that is what a free reshape of
-    (N, C, H, W) to (N/S, S*C, H, W) gives, so no copy is made.
+    Sub-batch j holds samples j, j+S, j+2S, ... (S = ``num_splits``), MoCo's grouping. On a single device this
+    emulates MoCo's shuffle BN: each sub-batch gets its own statistics, so the query/key pair of one sample
+    never shares BN statistics (otherwise MoCo "cheats" through them). Running statistics are the mean over
+    splits (of the unbiased variances, as batch_norm keeps them). In eval mode it is a plain BatchNorm2d.
 
-    On a single device this emulates MoCo's shuffle BN: each sub-batch gets its own statistics, so
-    the query/key pair of one sample never shares BN statistics (otherwise MoCo "cheats" through them).
-    Running statistics are the mean over splits. In eval mode it is a plain BatchNorm2d.
+    The demo's form, ``batch_norm`` on x reshaped to (N/S, S*C, H, W), copies a channels_last activation to
+    NCHW and back at every layer. Here x is *viewed* as (N/S, S, C, H, W) (a view in any memory format),
+    the (S, C) statistics are reduced in fp32 (mean and mean square, no upcast copy), and one
+    ``addcmul`` applies the per-split scale and shift: the output keeps x's layout and dtype.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kw):
@@ -57,17 +60,29 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         n, c, h, w = x.shape
         if not self.training or self.num_splits == 1:
             return super().forward(x)
-        if n % self.num_splits:
-            raise ValueError(f"SplitBatchNorm2d: batch {n} is not divisible by num_splits={self.num_splits}")
-        running_mean = self.running_mean.repeat(self.num_splits)
-        running_var = self.running_var.repeat(self.num_splits)
-        out = nn.functional.batch_norm(
-            x.reshape(n // self.num_splits, c * self.num_splits, h, w), running_mean, running_var,
-            self.weight.repeat(self.num_splits), self.bias.repeat(self.num_splits),
-            True, self.momentum, self.eps).reshape(n, c, h, w)
-        self.running_mean.copy_(running_mean.view(self.num_splits, c).mean(0))
-        self.running_var.copy_(running_var.view(self.num_splits, c).mean(0))
-        return out
+        s = self.num_splits
+        if n % s:
+            raise ValueError(f"SplitBatchNorm2d: batch {n} is not divisible by num_splits={s}")
+        x5 = x.view(n // s, s, c, h, w)  # sub-batch j = samples j, j+S, ...
+        dims, count = (0, 3, 4), (n // s) * h * w
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 statistics for half inputs (fp64 kept)
+        mean = x5.mean(dims, dtype=acc)  # (S, C)
+        var = (torch.linalg.vector_norm(x5, 2, dim=dims, dtype=acc).square() / count
+               - mean.square()).clamp_min(0.0)  # biased, as batch_norm normalizes
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        out = torch.addcmul(shift.to(x.dtype).view(1, s, c, 1, 1), x5, scale.to(x.dtype).view(1, s, c, 1, 1))
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():  # each split's running stats, averaged over the splits
+                m = 0.1 if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), m)
+                unbiased = var * (count / max(count - 1, 1))
+                self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), m)
+        return out.view(n, c, h, w)
 
 
 def convert_to_split_bn(module: nn.Module, num_splits: int) -> nn.Module:

@@ -19,6 +19,61 @@ from fastcl.models.heads import SplitBatchNorm2d
 
 
 # ---------------------------------------------------------------------------------------------- pieces
+
+
+def _split_bn_reference(x, weight, bias, rm, rv, splits, momentum=0.1, eps=1e-5):
+    """MoCo's CIFAR demo split BN as written there: batch_norm over x reshaped to (N/S, S*C, H, W)."""
+    n, c, h, w = x.shape
+    rm_r, rv_r = rm.repeat(splits), rv.repeat(splits)
+    out = F.batch_norm(x.reshape(n // splits, c * splits, h, w), rm_r, rv_r, weight.repeat(splits),
+                       bias.repeat(splits), True, momentum, eps).reshape(n, c, h, w)
+    return out, rm_r.view(splits, c).mean(0), rv_r.view(splits, c).mean(0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_bn_matches_mocos_in_float64_keeps_layout_and_is_cheap(channels_last):
+    """Output, input/weight/bias gradients and running stats equal the demo's split BN in float64; a
+    channels_last input gives a channels_last output; it costs a BatchNorm-like number of ops on the
+    activation (the demo's: reshape copies + 15 ops)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(16, 6, 5, 7, dtype=torch.float64) * 3 + 1).contiguous(memory_format=fmt).requires_grad_()
+    bn = SplitBatchNorm2d(6, num_splits=4).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    w_ref = bn.weight.detach().clone().requires_grad_()
+    b_ref = bn.bias.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    ref, rm, rv = _split_bn_reference(x_ref, w_ref, b_ref, bn.running_mean.clone(), bn.running_var.clone(), 4)
+
+    class Big(TorchDispatchMode):  # ops that read or write an activation-sized tensor (views move no data)
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and any(isinstance(a, torch.Tensor) and a.numel() == x.numel() for a in [*args, out]):
+                Big.n += 1
+            return out
+
+    with Big():
+        out = bn(x)
+    assert Big.n <= 3, Big.n  # mean, mean square, one scale-and-shift pass
+    assert out.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(bn.weight.grad, w_ref.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(bn.bias.grad, b_ref.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(bn.running_mean, rm, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bn.running_var, rv, rtol=1e-12, atol=1e-12)
+
 def test_split_bn_equals_per_chunk_bn():
     torch.manual_seed(0)
     x = torch.randn(16, 3, 5, 5) * 3 + 1
