@@ -17,7 +17,6 @@ import copy
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..engine.distributed import all_gather_nograd, batch_shuffle_ddp, batch_unshuffle_ddp, get_world_size
 from ..engine.optim import cosine_schedule
@@ -80,7 +79,7 @@ class MoCo(Method):
         else:
             im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
             k = batch_unshuffle_ddp(self.projector_k(self.backbone_k(im_k)), idx_unshuffle)
-        return F.normalize(k.float(), dim=1)  # N x dim
+        return k  # N x dim, L2-normalized where it is used: inside the fused loss and the enqueue kernel
 
     def _contrast(self, im_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         q = self.projector(self.backbone(im_q))  # N x dim, normalized inside the fused loss

@@ -23,7 +23,6 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..engine.distributed import all_gather_nograd, get_rank, get_world_size
 from ..engine.optim import cosine_schedule, param_groups
@@ -123,7 +122,7 @@ class MoCoV3(Method):
 
     def contrastive(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """2τ · InfoNCE of the local queries q (N, C) against the keys of all ranks; positive i ↔ rank·N + i."""
-        k_all = all_gather_nograd(F.normalize(k.float(), dim=1))  # (N·world) x C
+        k_all = all_gather_nograd(k)  # (N·world) x C, L2-normalized inside the fused loss
         return 2 * self.T * inbatch_infonce(q, k_all, self.T, pos_offset=get_rank() * q.shape[0])
 
     def forward(self, views: list[torch.Tensor], step: Step) -> dict[str, torch.Tensor]:

@@ -25,7 +25,6 @@ import copy
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..engine.distributed import all_gather_grad, all_gather_nograd, get_rank, get_world_size
 from ..kernels.ema import EMAUpdater
@@ -116,8 +115,8 @@ class SimCLR(Method):
         if self.queue is None:
             return {"loss": self.loss(z1, z2)}
         with torch.no_grad():
-            k = F.normalize(self.projector_k(self.backbone_k(torch.cat([x1, x2]))).float(), dim=1)  # 2N x dim
-        self._keys_to_enqueue = k  # enqueued after the step: the loss still reads the queue
+            k = self.projector_k(self.backbone_k(torch.cat([x1, x2])))  # 2N x dim
+        self._keys_to_enqueue = k  # enqueued (L2-normalized by the queue) after the step: the loss reads the queue
         return {"loss": self.loss(z1, z2, self.queue.queue)}
 
     @torch.no_grad()

@@ -133,3 +133,39 @@ def test_steady_steps_do_not_sync_the_gpu(name, tmp_path):
         Trainer(method, FixedViews(8, 8, sizes, DEV), cfg, DistInfo(0, 1, 0, DEV)).fit()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("name", ["moco", "mocov3", "simclr_queue"])
+def test_keys_are_normalized_inside_the_kernels_only(name, monkeypatch):
+    """With the fused kernels a step runs no L2-normalization op of its own: queries and keys are normalized
+    inside the InfoNCE kernel, queue rows inside the enqueue kernel (was F.normalize on the keys first, then
+    again in the loss and in the queue)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastcl.methods.mocov3 import MoCoV3
+    from fastcl.methods.base import Step
+
+    build = {"moco": lambda: MoCo(net(), 16, dim=8, K=24, m=0.9, bn_splits=1),  # (split BN reduces a norm too)
+             "mocov3": lambda: MoCoV3(net(), 16, dim=8, mlp_dim=16, sync_bn=False),
+             "simclr_queue": lambda: SimCLR(net(), 16, dim=8, hidden_dim=16, sync_bn=False, queue_size=32)}[name]
+    torch.manual_seed(0)
+    method = build().to(DEV)
+    views = [torch.randn(8, 3, 8, 8, device=DEV) for _ in range(2)]
+    step = Step(0, 0, 1, 1, {"momentum": 0.99})
+    norms = []
+
+    class Norms(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "norm" in str(func) and "batch_norm" not in str(func):
+                norms.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    old = K.get_backend()
+    K.set_backend("triton")
+    try:
+        with Norms():
+            method(views, step)["loss"].backward()
+            method.after_optimizer_step(step)
+    finally:
+        K.set_backend(old)
+    assert norms == [], norms

@@ -85,7 +85,7 @@ def test_v2_memory_encoder_moves_only_by_ema_and_fills_queue():
     m.after_optimizer_step(Step(0, 0, 1, 1, {"momentum": 0.9}))
     for pk, k0, pq in zip(m.backbone_k.parameters(), k_before, m.backbone.parameters()):
         torch.testing.assert_close(pk, 0.9 * k0 + 0.1 * pq)
-    torch.testing.assert_close(m.queue.queue[:8], keys)  # both views' keys (2N), normalized
+    torch.testing.assert_close(m.queue.queue[:8], F.normalize(keys.float(), dim=1))  # both views' keys (2N), normalized
     assert int(m.queue.ptr) == 8
 
 
