@@ -72,6 +72,9 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="fused Triton kernels (auto: on CUDA) or the plain-torch references")
+    g.add_argument("--compile", default="auto", choices=["auto", "none", "default", "max-autotune", "reduce-overhead"],
+                   help="torch.compile the method's forward and loss (auto: default on CUDA, none on CPU; "
+                        "reduce-overhead adds CUDA graphs)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--no-channels-last", action="store_true")
     g.add_argument("--seed", type=int, default=0)
@@ -222,7 +225,7 @@ def train_config(args, recipe: str) -> TrainConfig:
         weight_decay_end=args.wd_end, clip_grad=args.clip_grad, amp=args.amp,
         channels_last=not args.no_channels_last, ckpt_every=args.ckpt_every, log_every=args.log_every,
         max_steps=args.max_steps, knn_every=args.knn_every, knn_k=args.knn_k, knn_t=args.knn_t,
-        seed=args.seed, resume=args.resume, zero_stage=args.zero_stage, extra=vars(args).copy())
+        seed=args.seed, resume=args.resume, zero_stage=args.zero_stage, compile=args.compile, extra=vars(args).copy())
 
 
 def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn.Module], spec: AugmentSpec,

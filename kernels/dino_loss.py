@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import use_triton
-from .utils import cdiv, ensure_contiguous, interpreting, next_power_of_2, num_sms, tl, triton
+from .utils import cdiv, interpreting, next_power_of_2, num_sms, tl, triton
 
 # ======================================================================================
 # constants
@@ -261,25 +262,67 @@ def dino_backward(grad_loss, student_out, teacher_out, center, lse_t, lse_s, stu
 # ======================================================================================
 
 
-class DINOLossFunction(torch.autograd.Function):
-    @staticmethod
-    @ensure_contiguous
-    def forward(ctx, student_out, teacher_out, center, student_temp, teacher_temp, n_global):
-        center = center.reshape(-1).contiguous()
-        loss, batch_center, lse_t, lse_s, meta = dino_forward(student_out, teacher_out, center, student_temp,
-                                                              teacher_temp, n_global)
-        ctx.save_for_backward(student_out, teacher_out, center, lse_t, lse_s)
-        ctx.cfg = (student_temp, teacher_temp, n_global, meta)
-        ctx.mark_non_differentiable(batch_center)
-        return loss, batch_center
+# torch.library ops (one per direction): torch.compile sees the loss as one opaque node with a fake
+# implementation, so a compiled DINO step keeps one graph; the launch settings are recomputed from the shapes.
+def _pad(n_crops, n_global):
+    return max(2, next_power_of_2(max(n_crops, n_global)))
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_center):
-        student_out, teacher_out, center, lse_t, lse_s = ctx.saved_tensors
-        student_temp, teacher_temp, n_global, meta = ctx.cfg
-        ds = dino_backward(grad_loss, student_out, teacher_out, center, lse_t, lse_s, student_temp,
-                           teacher_temp, n_global, meta)
-        return ds, None, None, None, None, None
+
+@torch.library.custom_op("fastcl::dino_loss", mutates_args=())
+def dino_loss_op(student_out: Tensor, teacher_out: Tensor, center: Tensor, student_temp: float,
+                 teacher_temp: float, n_global: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss (), batch center (1, K), teacher lse (R,), student lse (B, pad)), all fp32."""
+    loss, batch_center, lse_t, lse_s, _ = dino_forward(student_out.contiguous(), teacher_out.contiguous(),
+                                                       center.reshape(-1).contiguous(), student_temp,
+                                                       teacher_temp, n_global)
+    return loss, batch_center, lse_t, lse_s
+
+
+@dino_loss_op.register_fake
+def _(student_out, teacher_out, center, student_temp, teacher_temp, n_global):
+    R, K = teacher_out.shape
+    B = R // n_global
+    f32 = dict(dtype=torch.float32)
+    return (student_out.new_empty((), **f32), student_out.new_empty(1, K, **f32), student_out.new_empty(R, **f32),
+            student_out.new_empty(B, _pad(student_out.shape[0] // B, n_global), **f32))
+
+
+@torch.library.custom_op("fastcl::dino_loss_backward", mutates_args=())
+def dino_loss_backward_op(grad_loss: Tensor, student_out: Tensor, teacher_out: Tensor, center: Tensor,
+                          lse_t: Tensor, lse_s: Tensor, student_temp: float, teacher_temp: float,
+                          n_global: int) -> Tensor:
+    student_out, teacher_out = student_out.contiguous(), teacher_out.contiguous()
+    R, K = teacher_out.shape
+    B = R // n_global
+    n_crops = student_out.shape[0] // B
+    pad = _pad(n_crops, n_global)
+    block_k, _ = _blocks(pad)
+    n_split, per = _k_split(B, K, block_k, student_out.device)
+    meta = (n_split, per, pad, block_k, n_global * n_crops - min(n_global, n_crops))
+    return dino_backward(grad_loss, student_out, teacher_out, center.reshape(-1).contiguous(), lse_t, lse_s,
+                         student_temp, teacher_temp, n_global, meta)
+
+
+@dino_loss_backward_op.register_fake
+def _(grad_loss, student_out, teacher_out, center, lse_t, lse_s, student_temp, teacher_temp, n_global):
+    return torch.empty_like(student_out, memory_format=torch.contiguous_format)
+
+
+def _dino_setup(ctx, inputs, output):
+    student_out, teacher_out, center, student_temp, teacher_temp, n_global = inputs
+    _, batch_center, lse_t, lse_s = output
+    ctx.save_for_backward(student_out, teacher_out, center, lse_t, lse_s)
+    ctx.cfg = (student_temp, teacher_temp, n_global)
+    ctx.mark_non_differentiable(batch_center, lse_t, lse_s)
+
+
+def _dino_backward(ctx, grad_loss, _g_center, _g_lse_t, _g_lse_s):
+    student_out, teacher_out, center, lse_t, lse_s = ctx.saved_tensors
+    ds = torch.ops.fastcl.dino_loss_backward(grad_loss, student_out, teacher_out, center, lse_t, lse_s, *ctx.cfg)
+    return ds, None, None, None, None, None
+
+
+dino_loss_op.register_autograd(_dino_backward, setup_context=_dino_setup)
 
 # ======================================================================================
 # torch reference
@@ -325,8 +368,10 @@ def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp, n_gl
     if n_crops == 1 and n_global_crops == 1:
         raise ValueError("need at least one cross-view pair")
     if use_triton(student_out, teacher_out, center) and max(n_crops, n_global_crops) <= MAX_CROPS:
-        return DINOLossFunction.apply(student_out, teacher_out.detach(), center.detach(), float(student_temp),
-                                      float(teacher_temp), int(n_global_crops))
+        loss, batch_center, _, _ = torch.ops.fastcl.dino_loss(student_out, teacher_out.detach(), center.detach(),
+                                                               float(student_temp), float(teacher_temp),
+                                                               int(n_global_crops))
+        return loss, batch_center
     return dino_loss_reference(student_out, teacher_out, center, student_temp, teacher_temp, n_global_crops)
 
 __all__ = ["dino_loss", "dino_loss_reference"]

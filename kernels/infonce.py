@@ -34,12 +34,14 @@ otherwise). The torch reference materializes the logits and is meant for CPU and
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
-
+from torch import Tensor
 
 from . import use_triton
-from .utils import cdiv, ensure_contiguous, interpreting, next_power_of_2, num_sms, tl, triton
+from .utils import cdiv, interpreting, next_power_of_2, num_sms, tl, triton
 
 # ======================================================================================
 # constants
@@ -536,25 +538,68 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
 # ======================================================================================
 
 
-class ContrastiveLSEFunction(torch.autograd.Function):
-    @staticmethod
-    @ensure_contiguous
-    def forward(ctx, q, keys, pos_keys, pos_index, self_index, temperature, norm_q, norm_k, norm_p):
-        loss, lse, ppos, rk = infonce_forward(q, keys, pos_keys, pos_index, self_index, temperature,
-                                              norm_q, norm_k, norm_p)
-        ctx.save_for_backward(q, keys, pos_keys, pos_index, self_index, lse, ppos, rk)
-        ctx.cfg = (temperature, norm_q, norm_k, norm_p)
-        return loss
+# One torch.library op per direction: torch.compile sees each as a single opaque node with a fake (meta)
+# implementation, so a compiled method does not break its graph at the loss, and AOTAutograd traces the
+# backward through the second op. Outputs never alias inputs (the unused ``rk`` is an empty tensor).
+@torch.library.custom_op("fastcl::contrastive_lse", mutates_args=())
+def contrastive_lse_op(q: Tensor, keys: Tensor, pos_keys: Optional[Tensor], pos_index: Optional[Tensor],
+                       self_index: Optional[Tensor], temperature: float, norm_q: bool, norm_k: bool,
+                       norm_p: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(per-row loss (N,), lse (N,), positive probability (N,), 1/|k| (M,) or empty), all fp32."""
+    q, keys = q.contiguous(), keys.contiguous()
+    pos_keys = pos_keys.contiguous() if pos_keys is not None else None
+    loss, lse, ppos, rk = infonce_forward(q, keys, pos_keys, pos_index, self_index, temperature,
+                                          norm_q, norm_k, norm_p)
+    return loss, lse, ppos, rk if norm_k else q.new_empty(0, dtype=torch.float32)
 
-    @staticmethod
-    @ensure_contiguous
-    def backward(ctx, grad_loss):
-        q, keys, pos_keys, pos_index, self_index, lse, ppos, rk = ctx.saved_tensors
-        temperature, norm_q, norm_k, norm_p = ctx.cfg
-        need_dq, need_dk, need_dp = ctx.needs_input_grad[:3]
-        dq, dk, dp = infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, ppos, rk,
-                                      temperature, norm_q, norm_k, norm_p, need_dq, need_dk, need_dp)
-        return dq, dk, dp, None, None, None, None, None, None
+
+@contrastive_lse_op.register_fake
+def _(q, keys, pos_keys, pos_index, self_index, temperature, norm_q, norm_k, norm_p):
+    row = q.new_empty(q.shape[0], dtype=torch.float32)
+    return row, torch.empty_like(row), torch.empty_like(row), q.new_empty(keys.shape[0] if norm_k else 0,
+                                                                           dtype=torch.float32)
+
+
+@torch.library.custom_op("fastcl::contrastive_lse_backward", mutates_args=())
+def contrastive_lse_backward_op(grad_loss: Tensor, q: Tensor, keys: Tensor, pos_keys: Optional[Tensor],
+                                pos_index: Optional[Tensor], self_index: Optional[Tensor], lse: Tensor,
+                                ppos: Tensor, rk: Tensor, temperature: float, norm_q: bool, norm_k: bool,
+                                norm_p: bool, need_dq: bool, need_dk: bool,
+                                need_dp: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dp); an empty tensor where that gradient is not needed."""
+    q, keys = q.contiguous(), keys.contiguous()
+    pos_keys = pos_keys.contiguous() if pos_keys is not None else None
+    dq, dk, dp = infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, ppos,
+                                  rk if norm_k else q, temperature, norm_q, norm_k, norm_p, need_dq, need_dk, need_dp)
+    return tuple(g if g is not None else q.new_empty(0) for g in (dq, dk, dp))
+
+
+@contrastive_lse_backward_op.register_fake
+def _(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, ppos, rk, temperature, norm_q, norm_k, norm_p,
+      need_dq, need_dk, need_dp):
+    return (torch.empty_like(q) if need_dq else q.new_empty(0), torch.empty_like(keys) if need_dk else q.new_empty(0),
+            torch.empty_like(pos_keys) if need_dp else q.new_empty(0))
+
+
+def _lse_setup(ctx, inputs, output):
+    q, keys, pos_keys, pos_index, self_index, temperature, norm_q, norm_k, norm_p = inputs
+    _, lse, ppos, rk = output
+    ctx.save_for_backward(q, keys, pos_keys, pos_index, self_index, lse, ppos, rk)
+    ctx.cfg = (temperature, norm_q, norm_k, norm_p)
+    ctx.mark_non_differentiable(lse, ppos, rk)
+
+
+def _lse_backward(ctx, grad_loss, _g_lse, _g_ppos, _g_rk):
+    q, keys, pos_keys, pos_index, self_index, lse, ppos, rk = ctx.saved_tensors
+    need_dq, need_dk, need_dp = ctx.needs_input_grad[:3]
+    dq, dk, dp = torch.ops.fastcl.contrastive_lse_backward(
+        grad_loss.float().contiguous(), q, keys, pos_keys, pos_index, self_index, lse, ppos, rk, *ctx.cfg,
+        need_dq, need_dk, need_dp and pos_keys is not None)
+    return (dq if need_dq else None, dk if need_dk else None, dp if need_dp else None,
+            None, None, None, None, None, None)
+
+
+contrastive_lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
 
 
 # ======================================================================================
@@ -605,8 +650,8 @@ def contrastive_lse(q, keys, temperature, pos_index=None, pos_keys=None, self_in
         raise ValueError(f"temperature must be > 0, got {temperature}")
     tensors = [t for t in (q, keys, pos_keys) if t is not None]
     if use_triton(*tensors) and _triton_supported(q, keys):
-        return ContrastiveLSEFunction.apply(q, keys, pos_keys, pos_index, self_index, float(temperature),
-                                            normalize_q, normalize_keys, normalize_pos)
+        return torch.ops.fastcl.contrastive_lse(q, keys, pos_keys, pos_index, self_index, float(temperature),
+                                                normalize_q, normalize_keys, normalize_pos)[0]
     return contrastive_lse_reference(q, keys, temperature, pos_index, pos_keys, self_index,
                                      normalize_q, normalize_keys, normalize_pos)
 

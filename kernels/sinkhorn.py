@@ -106,6 +106,17 @@ def sinkhorn_triton(scores, eps, n_iters, all_reduce, world_size, shift):
     return Q
 
 
+@torch.library.custom_op("fastcl::sinkhorn", mutates_args=())
+def sinkhorn_op(scores: torch.Tensor, eps: float, n_iters: int, shift: torch.Tensor) -> torch.Tensor:
+    """Single-process Sinkhorn codes (B, K) fp32, as one op torch.compile does not trace into."""
+    return sinkhorn_triton(scores, eps, n_iters, None, 1, shift)
+
+
+@sinkhorn_op.register_fake
+def _(scores, eps, n_iters, shift):
+    return scores.new_empty(scores.shape, dtype=torch.float32)
+
+
 # ======================================================================================
 # torch reference (SwAV distributed_sinkhorn, transcribed)
 # ======================================================================================
@@ -158,6 +169,9 @@ def sinkhorn(scores, eps=0.05, n_iters=3, all_reduce=None, world_size=1, shift=N
     if shift is None:
         shift = scores.max().float() if world_size == 1 else 0.0
     if use_triton(scores) and scores.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        if all_reduce is None and world_size == 1:  # one opaque op for torch.compile (no Python callable inside)
+            return torch.ops.fastcl.sinkhorn(scores, eps, n_iters,
+                                             torch.as_tensor(shift, dtype=torch.float32, device=scores.device))
         return sinkhorn_triton(scores, eps, n_iters, all_reduce, world_size, shift)
     return sinkhorn_reference(scores, eps, n_iters, all_reduce, world_size, shift)
 

@@ -63,6 +63,8 @@ class TrainConfig:
     seed: int = 0
     resume: str | None = "auto"
     zero_stage: int = 0  # DeepSpeed ZeRO: 1 partitions the optimizer state, 2 also the gradients; 0 = DDP
+    compile: str = "none"  # torch.compile of the method's forward (and so its backward): auto (default on
+    #                        CUDA, none on CPU) | none | default | max-autotune | reduce-overhead (CUDA graphs)
     extra: dict[str, Any] = field(default_factory=dict)  # the recipe's own args, saved with checkpoints
 
 
@@ -116,6 +118,30 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if on_cuda else None,
                 broadcast_buffers=False)  # queues/centers are kept identical by the methods themselves
+        self.compile_mode = self._compile_mode(on_cuda)
+        if self.compile_mode != "none":
+            # forward + loss in one graph (the fused kernels are torch.library ops with fake implementations);
+            # the optimizer step and the methods' hooks (EMA, queue) stay eager. A compiler failure falls back to
+            # eager with PyTorch's warning naming it, instead of ending the run (--compile none avoids both)
+            import torch._dynamo as dynamo
+
+            dynamo.config.suppress_errors = True
+            self.model = torch.compile(self.model, mode=None if self.compile_mode == "default" else self.compile_mode)
+
+    COMPILE_MODES = ("auto", "none", "default", "max-autotune", "reduce-overhead")
+
+    def _compile_mode(self, on_cuda: bool) -> str:
+        mode = self.cfg.compile
+        if mode not in self.COMPILE_MODES:
+            raise ValueError(f"--compile must be one of {', '.join(self.COMPILE_MODES)}, got {mode!r}")
+        if mode == "auto":
+            mode = "default" if on_cuda and not self.cfg.zero_stage else "none"
+        if mode != "none" and self.cfg.zero_stage:
+            raise ValueError(f"--compile {mode} with --zero-stage {self.cfg.zero_stage}: the DeepSpeed engine is not "
+                             "compiled by fastcl yet; pass --compile none")
+        if mode == "reduce-overhead" and not on_cuda:
+            raise ValueError("--compile reduce-overhead records CUDA graphs: it needs a CUDA device")
+        return mode
 
     @torch.no_grad()
     def _broadcast_state(self) -> None:
@@ -226,7 +252,7 @@ class Trainer:
     # Options that may change between a run and its resumption; any other recipe argument defines the run.
     RESUMABLE_CHANGES = frozenset({"out", "resume", "max_steps", "ckpt_every", "log_every", "knn_every", "knn_k",
                                    "knn_t", "knn_samples", "no_knn", "workers", "device", "kernels", "data_backend",
-                                   "amp", "batch_size_given", "min_lr_given"})
+                                   "amp", "batch_size_given", "min_lr_given", "compile"})
 
     def _check_same_run(self, ckpt: dict, path: Path) -> None:
         """Auto-resume finds whatever sits in --out: refuse a checkpoint of another configuration (a different

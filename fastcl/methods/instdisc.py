@@ -84,9 +84,10 @@ class InstDisc(Method):
 
     @torch.no_grad()
     def _estimate_Z(self, s: torch.Tensor) -> None:
-        """Z = n · mean(exp(s)) over the first batch (all ranks averaged), then fixed (lemniscate)."""
-        z = torch.exp(s).mean() * self.n
-        self.Z.copy_(all_reduce_(z, "mean"))
+        """Z = n · mean(exp(s)) over the first batch (all ranks averaged), then fixed (lemniscate). A Z already
+        set (a resumed run) is kept, decided on the device: no host read of Z."""
+        z = all_reduce_(torch.exp(s).mean() * self.n, "mean")
+        self.Z.copy_(torch.where(self.Z > 0, self.Z, z))
 
     def forward(self, views: list[torch.Tensor], step: Step) -> dict[str, torch.Tensor]:
         idx = step.indices
@@ -102,8 +103,7 @@ class InstDisc(Method):
             w = self.memory[sample]  # B x (1+K) x dim (no gradient: the bank is a buffer)
             s = torch.bmm(w, f.unsqueeze(2)).squeeze(2) / self.T  # B x (1+K)
             if not self._z_ready:
-                if float(self.Z) <= 0:
-                    self._estimate_Z(s.detach())
+                self._estimate_Z(s.detach())
                 self._z_ready = True
             nce = nce_loss(s, self.Z, self.n)
             prox = (f - w[:, 0]).pow(2).sum(1).mean()  # ‖f_i - v_i^(t-1)‖², mean over the batch

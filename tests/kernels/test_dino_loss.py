@@ -91,7 +91,7 @@ def test_backends_agree():
         a = dino_loss(s, t, c, 0.1, 0.04)
         K.set_backend("triton")
         b = dino_loss(s.requires_grad_(), t, c, 0.1, 0.04)
-        assert type(b[0].grad_fn).__name__ == "DINOLossFunctionBackward"  # really ran Triton
+        assert "fastcl_dino_loss" in type(b[0].grad_fn).__name__  # really ran the Triton op
     finally:
         K.set_backend(old)
     torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)

@@ -194,7 +194,7 @@ def test_backends_agree():
         K.set_backend("triton")
         b = inbatch_infonce(q, k, 0.1, pos_offset=10)
         per_row = K.contrastive_lse(q.requires_grad_(), k, 0.1, pos_index=torch.arange(10, device=DEV) + 10)
-        assert type(per_row.grad_fn).__name__ == "ContrastiveLSEFunctionBackward"  # really ran Triton
+        assert "fastcl_contrastive_lse" in type(per_row.grad_fn).__name__  # really ran the Triton op
     finally:
         K.set_backend(old)
     assert_verbose_allclose(a, b, 1e-5, 1e-6, "backends")
