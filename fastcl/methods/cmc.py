@@ -37,12 +37,25 @@ _RGB2XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.0
 _WHITE = (0.95047, 1.0, 1.08883)
 
 
+_LAB_CONSTANTS: dict = {}
+
+
+def _lab_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RGB->XYZ matrix and the white point on ``device``, made once per device: a per-step
+    ``torch.tensor(..., device=cuda)`` would be a host->device copy, i.e. a sync, every step."""
+    c = _LAB_CONSTANTS.get(device)
+    if c is None:
+        c = _LAB_CONSTANTS[device] = (torch.tensor(_RGB2XYZ, device=device),
+                                      torch.tensor(_WHITE, device=device).view(1, 3, 1, 1))
+    return c
+
+
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], (B, 3, H, W) -> CIE Lab (L in [0, 100]), computed in fp32 on the input's device."""
     rgb = rgb.float().clamp(0, 1)
     lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)  # undo the sRGB gamma
-    xyz = torch.einsum("ij,bjhw->bihw", torch.tensor(_RGB2XYZ, device=rgb.device), lin)
-    xyz = xyz / torch.tensor(_WHITE, device=rgb.device).view(1, 3, 1, 1)
+    rgb2xyz, white = _lab_constants(rgb.device)
+    xyz = torch.einsum("ij,bjhw->bihw", rgb2xyz, lin) / white
     f = torch.where(xyz > 0.008856, xyz.clamp_min(1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
     L = 116 * f[:, 1] - 16
     a = 500 * (f[:, 0] - f[:, 1])

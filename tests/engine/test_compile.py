@@ -126,3 +126,54 @@ def test_compile_option_is_checked(tmp_path):
     with pytest.raises(ValueError, match="--zero-stage 1"):
         Trainer(build(), Views(sizes), cfg(compile="default", zero_stage=1, optimizer="sgd"), CPU)
     assert Trainer(build(), Views(sizes), cfg(compile="auto"), CPU).compile_mode == "none"  # CPU: eager
+
+
+class _SyncSources(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records where a step would synchronise with a GPU: a scalar read back (``.item()``, ``float(t)``,
+    ``bool(t)``, ``int(t)``, ``.tolist()``: ``_local_scalar_dense``) or a tensor made from host data
+    (``torch.tensor(x, device=...)``: ``lift_fresh``), with the fastcl line that asked for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith(("aten._local_scalar_dense", "aten.lift_fresh")):
+            import traceback
+
+            where = [f"{f.filename.split('/fastcl/')[-1]}:{f.lineno}" for f in traceback.extract_stack()
+                     if "/fastcl/" in f.filename or "/kernels/" in f.filename]
+            self.events.append((name, where[-3:]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_steady_steps_have_no_host_sync(name, tmp_path):
+    """Steps 2-5 of 6 (no log, checkpoint or epoch end among them) read nothing back from the device and build
+    no tensor from host data, for every method, through the fused kernels' host code too."""
+    build, sizes = METHODS[name]
+    torch.manual_seed(0)
+    method = build()
+    counter = _SyncSources()
+    marks = []
+    orig = method.after_optimizer_step
+
+    def hook(step):
+        orig(step)
+        marks.append(len(counter.events))
+
+    method.after_optimizer_step = hook
+    loader = Views(sizes)
+    loader.batches = loader.batches * 2  # 6 steps
+    cfg = TrainConfig(out_dir=str(tmp_path), epochs=1, batch_size=8, lr=0.05, log_every=10**6, ckpt_every=0,
+                      resume="none", knn_every=0, amp="none")
+    old = K.get_backend()
+    K.set_backend("triton")
+    try:
+        with counter:
+            Trainer(method, loader, cfg, CPU).fit()
+    finally:
+        K.set_backend(old)
+    steady = counter.events[marks[0]:marks[4]]
+    assert steady == [], f"{name}: host syncs in steady steps: {steady}"
