@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import use_triton
-from .utils import cdiv, interpreting, next_power_of_2, num_sms, tl, triton
+from .utils import cdiv, interpreting, next_power_of_2, num_sms, nvtx, tl, triton
 
 # ======================================================================================
 # constants
@@ -272,9 +272,10 @@ def _pad(n_crops, n_global):
 def dino_loss_op(student_out: Tensor, teacher_out: Tensor, center: Tensor, student_temp: float,
                  teacher_temp: float, n_global: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss (), batch center (1, K), teacher lse (R,), student lse (B, pad)), all fp32."""
-    loss, batch_center, lse_t, lse_s, _ = dino_forward(student_out.contiguous(), teacher_out.contiguous(),
-                                                       center.reshape(-1).contiguous(), student_temp,
-                                                       teacher_temp, n_global)
+    with nvtx("dino_loss.forward"):
+        loss, batch_center, lse_t, lse_s, _ = dino_forward(student_out.contiguous(), teacher_out.contiguous(),
+                                                           center.reshape(-1).contiguous(), student_temp,
+                                                           teacher_temp, n_global)
     return loss, batch_center, lse_t, lse_s
 
 
@@ -299,8 +300,9 @@ def dino_loss_backward_op(grad_loss: Tensor, student_out: Tensor, teacher_out: T
     block_k, _ = _blocks(pad)
     n_split, per = _k_split(B, K, block_k, student_out.device)
     meta = (n_split, per, pad, block_k, n_global * n_crops - min(n_global, n_crops))
-    return dino_backward(grad_loss, student_out, teacher_out, center.reshape(-1).contiguous(), lse_t, lse_s,
-                         student_temp, teacher_temp, n_global, meta)
+    with nvtx("dino_loss.backward"):
+        return dino_backward(grad_loss, student_out, teacher_out, center.reshape(-1).contiguous(), lse_t, lse_s,
+                             student_temp, teacher_temp, n_global, meta)
 
 
 @dino_loss_backward_op.register_fake

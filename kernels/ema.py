@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import use_triton
-from .utils import cdiv, interpreting, tl, triton
+from .utils import cdiv, interpreting, nvtx, tl, triton
 
 # ======================================================================================
 # constants
@@ -246,6 +246,10 @@ class EMAUpdater:
     @torch.no_grad()
     def update(self, momentum) -> None:
         """target ← momentum·target + (1 − momentum)·online; one launch per (device, dtypes) group."""
+        with nvtx("ema"):
+            self._update(momentum)
+
+    def _update(self, momentum) -> None:
         from . import get_backend
 
         ptrs = self._pointers()

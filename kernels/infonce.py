@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import use_triton
-from .utils import cdiv, interpreting, next_power_of_2, num_sms, tl, triton
+from .utils import cdiv, interpreting, next_power_of_2, num_sms, nvtx, tl, triton
 
 # ======================================================================================
 # constants
@@ -548,8 +548,9 @@ def contrastive_lse_op(q: Tensor, keys: Tensor, pos_keys: Optional[Tensor], pos_
     """(per-row loss (N,), lse (N,), positive probability (N,), 1/|k| (M,) or empty), all fp32."""
     q, keys = q.contiguous(), keys.contiguous()
     pos_keys = pos_keys.contiguous() if pos_keys is not None else None
-    loss, lse, ppos, rk = infonce_forward(q, keys, pos_keys, pos_index, self_index, temperature,
-                                          norm_q, norm_k, norm_p)
+    with nvtx("infonce.forward"):
+        loss, lse, ppos, rk = infonce_forward(q, keys, pos_keys, pos_index, self_index, temperature,
+                                              norm_q, norm_k, norm_p)
     return loss, lse, ppos, rk if norm_k else q.new_empty(0, dtype=torch.float32)
 
 
@@ -569,8 +570,10 @@ def contrastive_lse_backward_op(grad_loss: Tensor, q: Tensor, keys: Tensor, pos_
     """(dq, dk, dp); an empty tensor where that gradient is not needed."""
     q, keys = q.contiguous(), keys.contiguous()
     pos_keys = pos_keys.contiguous() if pos_keys is not None else None
-    dq, dk, dp = infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, ppos,
-                                  rk if norm_k else q, temperature, norm_q, norm_k, norm_p, need_dq, need_dk, need_dp)
+    with nvtx("infonce.backward"):
+        dq, dk, dp = infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, ppos,
+                                      rk if norm_k else q, temperature, norm_q, norm_k, norm_p, need_dq, need_dk,
+                                      need_dp)
     return tuple(g if g is not None else q.new_empty(0) for g in (dq, dk, dp))
 
 

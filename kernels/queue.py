@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import use_triton
-from .utils import cdiv, interpreting, next_power_of_2, tl, triton
+from .utils import cdiv, interpreting, next_power_of_2, nvtx, tl, triton
 
 # ======================================================================================
 # kernels
@@ -81,10 +81,11 @@ def enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, normali
         raise ValueError(f"a batch of {keys.shape[0]} keys does not fit a queue of {queue.shape[0]}")
     if keys.shape[0] == 0:
         return
-    if use_triton(queue, keys) and ptr.dtype == torch.int64 and ptr.device == queue.device:
-        enqueue_triton(queue, ptr, keys if keys.stride(1) == 1 else keys.contiguous(), normalize)
-    else:
-        enqueue_reference(queue, ptr, keys, normalize)
+    with nvtx("enqueue"):
+        if use_triton(queue, keys) and ptr.dtype == torch.int64 and ptr.device == queue.device:
+            enqueue_triton(queue, ptr, keys if keys.stride(1) == 1 else keys.contiguous(), normalize)
+        else:
+            enqueue_reference(queue, ptr, keys, normalize)
 
 
 class KeyQueue(torch.nn.Module):

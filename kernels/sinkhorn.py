@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import use_triton
-from .utils import cdiv, interpreting, tl, triton
+from .utils import cdiv, interpreting, nvtx, tl, triton
 
 LOG2E = 1.4426950408889634  # exp(x/eps) = exp2(x · log2(e)/eps)
 
@@ -109,7 +109,8 @@ def sinkhorn_triton(scores, eps, n_iters, all_reduce, world_size, shift):
 @torch.library.custom_op("fastcl::sinkhorn", mutates_args=())
 def sinkhorn_op(scores: torch.Tensor, eps: float, n_iters: int, shift: torch.Tensor) -> torch.Tensor:
     """Single-process Sinkhorn codes (B, K) fp32, as one op torch.compile does not trace into."""
-    return sinkhorn_triton(scores, eps, n_iters, None, 1, shift)
+    with nvtx("sinkhorn"):
+        return sinkhorn_triton(scores, eps, n_iters, None, 1, shift)
 
 
 @sinkhorn_op.register_fake

@@ -6,6 +6,7 @@ an autograd hook contiguous so kernels can assume a unit inner stride.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -74,3 +75,10 @@ def ensure_contiguous(fn):
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+def nvtx(name: str):
+    """An NVTX range named ``fastcl.<name>`` on CUDA machines (Nsight Systems timelines), nothing elsewhere."""
+    if torch.cuda.is_available():
+        return torch.cuda.nvtx.range(f"fastcl.{name}")
+    return contextlib.nullcontext()

@@ -208,6 +208,10 @@ class Trainer:
         return {"backbone_prefix": prefix, "backbone_class": f"{cls.__module__}.{cls.__qualname__}"}
 
     def save(self, name: str = LATEST) -> None:
+        with nvtx_range("checkpoint"):
+            self._save(name)
+
+    def _save(self, name: str) -> None:
         path = Path(self.cfg.out_dir) / name
         self._sync_norm_stats()  # collective
         zero = self.zero.save(path, self.step) if self.zero else None  # collective: shards first
@@ -272,9 +276,13 @@ class Trainer:
     def knn(self) -> dict | None:
         if self.knn_loaders is None:
             return None
+        train_loader, val_loader = self.knn_loaders
+        with nvtx_range("knn"):
+            return self._knn(train_loader, val_loader)
+
+    def _knn(self, train_loader, val_loader) -> dict:
         from ..eval.knn import knn_eval
 
-        train_loader, val_loader = self.knn_loaders
         self._sync_norm_stats()  # every rank embeds its shard with the same model
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
             res = knn_eval(self.method.backbone, train_loader, val_loader, self.device,
