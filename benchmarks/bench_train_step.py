@@ -195,6 +195,8 @@ def test_mocov2_step_throughput_and_200_epoch_budget(tmp_path, benchmark):
     if not CPU_SMOKE:  # (on a CPU the Triton kernels run in the interpreter, a correctness tool: ~1 min/step)
         times["fused"] = benchmark.pedantic(
             lambda: time_trainer(moco(), BATCH, [SIZE, SIZE], tmp_path, "f"), rounds=1, iterations=1)
+        # the recipe's one-GPU default: split BN over 8 sub-batches stands in for shuffle BN
+        times["fused_splitbn8"] = time_trainer(moco(bn_splits=8), BATCH, [SIZE, SIZE], tmp_path, "s")
     dev = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
     print(f"\nMoCo v2 {ARCH} batch {BATCH} {SIZE}px K={K} on {dev}:")
     for name, t in times.items():
@@ -224,6 +226,110 @@ def test_mocov2_cifar_step(tmp_path, benchmark, bn_splits):
     _record(bench="mocov2_cifar_step", bn_splits=bn_splits, ms_per_step=t * 1e3, img_per_s=512 / t)
 
 
+# ------------------------------------------------------------------------------------------- SimCLR, BYOL
+def _hand_loop(model, loss_fn, after=None, batch=BATCH, warmup=WARMUP, steps=STEPS) -> float:
+    """Mean seconds per step of a plain-PyTorch loop: bf16 autocast + channels_last on CUDA, SGD, the
+    official repos' unfused loss and per-parameter momentum loop (``after``)."""
+    model = model.to(DEVICE)
+    if DEVICE.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], 0.03, momentum=0.9, weight_decay=1e-4)
+    x1, x2 = SyntheticLoader(1, batch, [SIZE, SIZE]).views
+    if DEVICE.type == "cuda":
+        x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
+    amp = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=DEVICE.type == "cuda")
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync()
+            t0 = time.perf_counter()
+        with amp:
+            loss = loss_fn(model, x1, x2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if after is not None:
+            after(model)
+    _sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def _simclr_hand():
+    """SimCLR v1 as its common PyTorch ports write it: R50, 2-layer projector, NT-Xent over a materialised
+    2N x 2N similarity matrix with the diagonal masked, cross-entropy."""
+    backbone, feat = build_backbone(ARCH)
+    model = nn.Sequential(backbone, nn.Linear(feat, feat, bias=False), nn.BatchNorm1d(feat), nn.ReLU(),
+                          nn.Linear(feat, 128, bias=False))
+
+    def loss_fn(model, x1, x2, T=0.1):
+        z = F.normalize(model(torch.cat([x1, x2])).float(), dim=1)
+        n = x1.shape[0]
+        sim = (z @ z.t() / T).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        return F.cross_entropy(sim, target)
+    return model, loss_fn, None
+
+
+class _HandBYOL(nn.Module):
+    def __init__(self):
+        super().__init__()
+        backbone, feat = build_backbone(ARCH)
+        mlp = lambda i, h, o: nn.Sequential(nn.Linear(i, h), nn.BatchNorm1d(h), nn.ReLU(), nn.Linear(h, o))  # noqa
+        self.online = nn.Sequential(backbone, mlp(feat, 4096, 256))
+        self.predictor = mlp(256, 4096, 256)
+        self.target = copy.deepcopy(self.online)
+        for p in self.target.parameters():
+            p.requires_grad = False
+
+
+def _byol_hand():
+    """BYOL as lucidrains/byol-pytorch writes it: symmetric 2 - 2cos, target updated by a per-parameter loop."""
+    def loss_fn(model, x1, x2):
+        x = torch.cat([x1, x2])
+        p = F.normalize(model.predictor(model.online(x)).float(), dim=1)
+        with torch.no_grad():
+            z = F.normalize(model.target(x).float(), dim=1)
+        n = x1.shape[0]
+        return (2 - 2 * (p[:n] * z[n:]).sum(1)).mean() + (2 - 2 * (p[n:] * z[:n]).sum(1)).mean()
+
+    @torch.no_grad()
+    def ema(model, tau=0.996):
+        for po, pt in zip(model.online.parameters(), model.target.parameters()):
+            pt.data = pt.data * tau + (1 - tau) * po.data
+    return _HandBYOL(), loss_fn, ema
+
+
+def _fastcl_method(name):
+    from fastcl.methods.byol import BYOL
+    from fastcl.methods.simclr import SimCLR
+
+    torch.manual_seed(0)
+    backbone, feat = build_backbone(ARCH)
+    if name == "simclr":
+        return SimCLR(backbone, feat, dim=128, sync_bn=False)
+    return BYOL(backbone, feat)
+
+
+@pytest.mark.skipif(CPU_SMOKE, reason="GPU sizes")
+@pytest.mark.parametrize("name", ["simclr", "byol"])
+def test_simclr_byol_steps(tmp_path, benchmark, name):
+    """SimCLR v1 and BYOL, R50 batch 256 224px: hand loop vs fastcl eager vs fastcl --compile default (SGD in
+    all three, so the optimizer is not what differs). FASTCL_BENCH_COMPILE=0 skips the compiled variant."""
+    torch.manual_seed(0)
+    model, loss_fn, after = _simclr_hand() if name == "simclr" else _byol_hand()
+    times = {"hand": _hand_loop(model, loss_fn, after)}
+    del model
+    times["eager"] = benchmark.pedantic(
+        lambda: time_trainer(_fastcl_method(name), BATCH, [SIZE, SIZE], tmp_path, f"{name}e"), rounds=1, iterations=1)
+    if os.environ.get("FASTCL_BENCH_COMPILE", "1") == "1":
+        times["compiled"] = time_trainer(_fastcl_method(name), BATCH, [SIZE, SIZE], tmp_path, f"{name}c",
+                                         compile="default")
+    print(f"\n{name} {ARCH} batch {BATCH} {SIZE}px: " + ", ".join(
+        f"{k} {v * 1e3:.1f} ms/step ({BATCH / v:.0f} img/s, {times['hand'] / v:.2f}x hand)" for k, v in times.items()))
+    benchmark.extra_info.update({f"{k}_ms": v * 1e3 for k, v in times.items()})
+    _record(bench=f"{name}_step", arch=ARCH, batch=BATCH, size=SIZE, ms_per_step={k: v * 1e3 for k, v in times.items()},
+            img_per_s={k: BATCH / v for k, v in times.items()})
+
+
 # ------------------------------------------------------------------------------------------- DINO
 @pytest.mark.skipif(CPU_SMOKE, reason="GPU sizes")
 @pytest.mark.parametrize("patch", [16, 8])
@@ -236,15 +342,21 @@ def test_dino_vits_step(tmp_path, benchmark, patch):
     student, feat = build_backbone(arch, drop_path_rate=0.1, img_size=224)
     teacher, _ = build_backbone(arch, img_size=224)
     method = DINO(student, feat, teacher_backbone=teacher, out_dim=65536, norm_last_layer=False, clip_grad=3.0)
-    t = benchmark.pedantic(lambda: time_trainer(method, batch, [224] * 2 + [96] * 10, tmp_path, f"d{patch}",
-                                                optimizer="adamw", lr=5e-4 * batch / 256, weight_decay=0.04,
-                                                warmup=5, steps=15), rounds=1, iterations=1)
-    epoch_h = IMAGENET_TRAIN / (batch / t) / 3600
-    print(f"\nDINO ViT-S/{patch} 2x224+10x96 batch {batch}: {t * 1e3:.1f} ms/step, {batch / t:.0f} img/s "
-          f"(one ImageNet epoch: {epoch_h:.2f} h on one such device)")
-    benchmark.extra_info.update(ms_per_step=t * 1e3, img_per_s=batch / t)
-    _record(bench="dino_step", arch=arch, batch=batch, ms_per_step=t * 1e3, img_per_s=batch / t,
-            imagenet_epoch_hours_1gpu=epoch_h)
+    kw = dict(optimizer="adamw", lr=5e-4 * batch / 256, weight_decay=0.04, warmup=5, steps=15)
+    crops = [224] * 2 + [96] * 10
+    t = benchmark.pedantic(lambda: time_trainer(method, batch, crops, tmp_path, f"d{patch}", **kw),
+                           rounds=1, iterations=1)
+    times = {"eager": t}
+    if os.environ.get("FASTCL_BENCH_COMPILE", "1") == "1" and os.environ.get("FASTCL_BENCH_DINO_COMPILE", "1") == "1":
+        times["compiled"] = time_trainer(method, batch, crops, tmp_path, f"d{patch}c", compile="default", **kw)
+    for name, t in times.items():
+        epoch_h = IMAGENET_TRAIN / (batch / t) / 3600
+        print(f"\nDINO ViT-S/{patch} 2x224+10x96 batch {batch} {name}: {t * 1e3:.1f} ms/step, {batch / t:.0f} img/s "
+              f"(one ImageNet epoch: {epoch_h:.2f} h on one such device)")
+    benchmark.extra_info.update({f"{k}_ms": v * 1e3 for k, v in times.items()})
+    _record(bench="dino_step", arch=arch, batch=batch, ms_per_step={k: v * 1e3 for k, v in times.items()},
+            img_per_s={k: batch / v for k, v in times.items()},
+            imagenet_epoch_hours_1gpu={k: IMAGENET_TRAIN / (batch / v) / 3600 for k, v in times.items()})
 
 
 # ------------------------------------------------------------------------------------------- compiled (last: slow)

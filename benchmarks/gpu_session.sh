@@ -12,7 +12,9 @@
 #   tests    the GPU-only tests: kernels in fp32/fp16/bf16 compiled for the real GPU, DALI's GPU graph
 #   cifar    a CIFAR-10 MoCo v2 run sized to $FASTCL_CIFAR_BUDGET s (default 300) with kNN against minutes
 #            (needs CIFAR-10 under $FASTCL_DATA; benchmarks/cifar_run.py)
-#   step     training steps: MoCo v2 R50 hand loop / torch / fused / compiled, CIFAR split BN, DINO ViT-S/16, S/8
+#   step     training steps: MoCo v2 R50 hand loop / torch / fused / split BN / compiled, CIFAR split BN, SimCLR and
+#            BYOL R50 hand / eager / compiled, DINO ViT-S/16, S/8 eager / compiled (all of it takes ~8 min:
+#            FASTCL_STEP_K="mocov2 or dino" selects, FASTCL_BENCH_COMPILE=0 drops the compiled variants)
 #   kernels  the fused kernels against torch and their floors
 #   data     the DALI pipeline's throughput (needs DALI staged)
 # Two calls with the CIFAR-10 staging (one chunk each):
@@ -56,7 +58,7 @@ run_part() {
     cifar) step cifar "$((${FASTCL_CIFAR_BUDGET:-300} + 30))" $PY benchmarks/cifar_run.py --budget "${FASTCL_CIFAR_BUDGET:-300}" \
              --out "$OUT/cifar" --step-json "$BENCH_JSON" ;;
     step) FASTCL_BENCH_JSON=$BENCH_JSON step bench_train_step "${FASTCL_STEP_LIMIT:-150}" $PYTEST benchmarks/bench_train_step.py \
-             -s -q --benchmark-json "$OUT/logs/bench_train_step.json" ;;
+             -s -q --benchmark-json "$OUT/logs/bench_train_step.json" ${FASTCL_STEP_K:+-k "$FASTCL_STEP_K"} ;;
     kernels) step bench_kernels "${FASTCL_KERNELS_LIMIT:-120}" $PYTEST benchmarks/bench_infonce.py benchmarks/bench_ema.py \
              benchmarks/bench_dino_loss.py benchmarks/bench_queue.py benchmarks/bench_sinkhorn.py -s -q \
              --benchmark-json "$OUT/logs/bench_kernels.json" ;;
