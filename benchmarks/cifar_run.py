@@ -1,17 +1,22 @@
-"""A CIFAR-10 training run sized to a wall-clock budget, with kNN top-1 against minutes (JSON + PNG).
+"""CIFAR-10 speedrun: train recipes' ``cifar`` presets for a fixed number of epochs (or as many as fit a wall-clock
+budget) on the fastest path, and record kNN top-1 against minutes (JSON + one PNG for all recipes).
 
-For a lent GPU call of a few minutes: measures the torchvision loader's img/s on this machine's cores (a few
-seconds), takes the step time of the same configuration from ``bench_train_step``'s JSON lines when given,
-picks the largest epoch count whose run (cosine schedule over those epochs, kNN every few epochs and at the
-end) fits ``--budget`` seconds, runs the recipe as a user would, and stops it at the deadline if the estimate
-was wrong (the partial log still comes back).
+On CUDA the recipes' ``--data-backend auto`` is the device-resident back end (CIFAR-10 held and augmented on
+the GPU) and ``--compile auto`` compiles the step; elsewhere they run as they would for a user. Before each
+run this measures the augmentation (the device back end's ms per batch, or the torchvision pipeline's img/s on
+the machine's cores) and takes the step time from ``bench_train_step``'s JSON lines when given, so that
+``--budget`` can pick the largest epoch count that fits; the run is stopped at the deadline if the estimate was
+wrong (the partial log still comes back). ``--resume auto`` (default) continues a run stopped that way when
+called again with the same ``--epochs`` and ``--out``.
 
-    python benchmarks/cifar_run.py --budget 300 --out $OUT/cifar [--step-json bench.jsonl] [-- recipe args]
-    python benchmarks/cifar_run.py --plot $OUT/cifar/cifar_run.json     # redraw the PNG from the JSON
+    python benchmarks/cifar_run.py --epochs 30 --out runs/speedrun                     # MoCo v2
+    python benchmarks/cifar_run.py --recipe mocov2_r50,simclr_r50,byol_r50 --budget 180 --out $OUT/speedrun
+    python benchmarks/cifar_run.py --plot runs/speedrun/*/cifar_run.json                # redraw the PNG
 
-Writes to ``--out``: ``cifar_run.json`` (configuration, epochs, seconds per epoch, kNN top-1/top-5 against
-minutes since the start, the recipe's final result), ``log.jsonl`` (the recipe's), ``train.log`` and
-``knn_vs_minutes.png`` (lightly's 200-epoch kNN for the method as a reference line).
+Per recipe, ``--out/<recipe>/`` gets ``cifar_run.json`` (configuration, epochs, seconds per epoch, the
+augmentation's share of the step, kNN top-1/top-5 against minutes since the start, the recipe's final result),
+``log.jsonl`` (the recipe's) and ``train.log``; ``--out/knn_vs_minutes.png`` draws every recipe with lightly's
+200-epoch kNN for each method and the 90 % record as reference lines.
 """
 from __future__ import annotations
 
@@ -33,32 +38,63 @@ LIGHTLY_200EP = {"mocov2_r50": ("MoCo", 0.847), "simclr_r50": ("SimCLR", 0.848),
 CIFAR_TRAIN, BATCH = 50_000, 512
 
 
-def loader_img_per_s(recipe: str, workers: int, seconds: float = 6.0) -> float:
-    """Two-view torchvision pipeline img/s on random uint8 CIFAR-shaped data (same cost as the real images)."""
+def _spec(recipe: str):
+    """The recipe's augmentation spec for its cifar preset (as its main builds it), without running it."""
+    import importlib.util
+
+    from fastcl import cli
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{recipe}", ROOT / "recipes" / f"{recipe}.py")
+    mod, seen = importlib.util.module_from_spec(spec), {}
+    spec.loader.exec_module(mod)
+    real_run = cli.run
+    cli.run = lambda args, name, build, spec, knn_size=None: seen.update(spec=spec, args=args)
+    try:
+        mod.main([])
+    finally:
+        cli.run = real_run
+    return seen["spec"], seen["args"]
+
+
+def augment_seconds_per_batch(recipe: str, workers: int, seconds: float = 4.0) -> tuple[float, str]:
+    """Seconds to produce one batch of ``recipe``'s views on the path its run will take, on random uint8 images
+    (the same cost as the real ones): the device back end on CUDA, else the torchvision pipeline on ``workers``."""
     import numpy as np
+    import torch
 
-    from fastcl.data import augment
-    from fastcl.data.datasets import ArrayDataset
-    from fastcl.data.loader import TorchLoader
-    from fastcl.data.transforms import MultiViewTransform
-
-    spec = augment.mocov2_aug_plus(32, augment.CIFAR10_MEAN, augment.CIFAR10_STD, blur_p=0.0)
+    spec, _ = _spec(recipe)
     rng = np.random.default_rng(0)
-    ds = ArrayDataset(rng.integers(0, 256, (20_000, 32, 32, 3), dtype=np.uint8), np.zeros(20_000, np.int64),
-                      MultiViewTransform(spec))
-    dl = TorchLoader(ds, BATCH, num_workers=workers, persistent_workers=True)
-    it, n = iter(dl), 0
-    for _ in range(min(3, len(dl))):  # worker start-up is not throughput
-        next(it)
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    images = rng.integers(0, 256, (8 * BATCH, 32, 32, 3), dtype=np.uint8)
+    labels = np.zeros(len(images), np.int64)
+    if torch.cuda.is_available():
+        from fastcl.data.gpu import DeviceLoader
+
+        dl = DeviceLoader(images, labels, spec, BATCH, device="cuda", out_dtype=torch.bfloat16, channels_last=True)
+        how = "device"
+    else:
+        from fastcl.data.datasets import ArrayDataset
+        from fastcl.data.loader import TorchLoader
+        from fastcl.data.transforms import MultiViewTransform
+
+        dl = TorchLoader(ArrayDataset(images, labels, MultiViewTransform(spec)), BATCH, num_workers=workers,
+                         persistent_workers=workers > 0)
+        how = f"torchvision, {workers} workers"
+    n, t0, it = 0, None, iter(dl)
+    while True:
         try:
             next(it)
         except StopIteration:
             it = iter(dl)
             continue
-        n += BATCH
-    return n / (time.perf_counter() - t0)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if t0 is None:  # the first batch pays start-up (workers, kernels)
+            t0 = time.perf_counter()
+        else:
+            n += 1
+        if t0 is not None and time.perf_counter() - t0 > seconds and n >= 3:
+            break
+    return (time.perf_counter() - t0) / n, how
 
 
 def step_seconds(path: str | None, default: float) -> tuple[float, str]:
@@ -71,14 +107,16 @@ def step_seconds(path: str | None, default: float) -> tuple[float, str]:
     return default, "assumed"
 
 
-def plan_epochs(budget: float, step_s: float, data_img_s: float, knn_s: float, startup_s: float) -> tuple[int, int]:
-    """(epochs, knn_every) whose run fits ``budget``: per epoch max(GPU step, data) x steps + checkpoint."""
+def plan_epochs(budget: float, step_s: float, aug_s: float, serial: bool, knn_s: float,
+                startup_s: float) -> tuple[int, int]:
+    """(epochs, knn_every) whose run fits ``budget``. On the device back end augmentation and step share the GPU
+    (their times add); a CPU pipeline overlaps with the step (the slower one sets the pace)."""
     steps = CIFAR_TRAIN // BATCH
-    epoch_s = steps * max(step_s * 1.1, BATCH / data_img_s) + 1.5
+    per_step = step_s * 1.1 + aug_s if serial else max(step_s * 1.1, aug_s)
+    epoch_s = steps * per_step + 1.5  # + the epoch-end checkpoint
     for epochs in range(200, 0, -1):
         every = max(1, epochs // 6)
-        total = startup_s + epochs * epoch_s + (epochs // every) * knn_s
-        if total <= budget:
+        if startup_s + epochs * epoch_s + (epochs // every) * knn_s <= budget:
             return epochs, every
     return 1, 1
 
@@ -89,7 +127,12 @@ def summarize(out: Path, meta: dict) -> dict:
     knn = [{"epoch": r["epoch"], "step": r["step"], "minutes": (r["time"] - t0) / 60, "top1": r["knn_top1"],
             "top5": r.get("knn_top5")} for r in recs if "knn_top1" in r]
     steps = [r for r in recs if "loss" in r]
+    ends = {}  # epoch -> time of its last logged step
+    for r in steps:
+        ends[r["epoch"]] = r["time"]
+    gaps = [b - a for a, b in zip(list(ends.values())[:-1], list(ends.values())[1:])]
     res = {**meta, "knn": knn, "last_loss": steps[-1]["loss"] if steps else None,
+           "seconds_per_epoch_median": sorted(gaps)[len(gaps) // 2] if gaps else None,
            "img_per_s_logged_median": sorted(r["img_per_s"] for r in steps)[len(steps) // 2] if steps else None}
     if (out / "result.json").exists():
         res["result"] = json.loads((out / "result.json").read_text())
@@ -97,7 +140,7 @@ def summarize(out: Path, meta: dict) -> dict:
     return res
 
 
-def plot(summary_path: Path) -> Path | None:
+def plot(summaries: list[Path], png: Path) -> Path | None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -105,64 +148,54 @@ def plot(summary_path: Path) -> Path | None:
     except ImportError:
         print("matplotlib missing: no PNG (redraw with --plot later)")
         return None
-    res = json.loads(summary_path.read_text())
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    xs, ys = [k["minutes"] for k in res["knn"]], [k["top1"] for k in res["knn"]]
-    ax.plot(xs, ys, "o-", label=f"fastcl {res['recipe']} ({res['epochs']} ep, {res.get('gpu', '?')})")
-    name, ref = LIGHTLY_200EP.get(res["recipe"], (None, None))
-    if ref:
-        ax.axhline(ref, ls="--", c="gray", label=f"lightly {name}, 200 ep (87-104 min, A6000): {ref:.3f}")
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, path in enumerate(summaries):
+        res = json.loads(Path(path).read_text())
+        color = f"C{i}"
+        ax.plot([k["minutes"] for k in res["knn"]], [k["top1"] for k in res["knn"]], "o-", c=color,
+                label=f"fastcl {res['recipe']} ({res['epochs']} ep, {res.get('gpu', '?')})")
+        name, ref = LIGHTLY_200EP.get(res["recipe"], (None, None))
+        if ref:
+            ax.axhline(ref, ls="--", c=color, alpha=0.6, label=f"lightly {name}, 200 ep (87-104 min, A6000): {ref:.3f}")
     ax.axhline(0.90, ls=":", c="k", label="90% kNN record: 1 h 39 min (A100)")
-    ax.set_xlabel("minutes since start (training + kNN)")
+    ax.set_xlabel("minutes since the run's start (training + kNN)")
     ax.set_ylabel("kNN top-1 (k=200, T=0.1), CIFAR-10 test")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    png = summary_path.with_name("knn_vs_minutes.png")
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     return png
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", default="mocov2_r50")
-    p.add_argument("--budget", type=float, default=300.0, help="wall-clock seconds for the whole run")
-    p.add_argument("--out", type=Path, default=Path("runs/cifar_run"))
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
-    p.add_argument("--step-json", default=None, help="bench_train_step's $FASTCL_BENCH_JSON file")
-    p.add_argument("--step-ms", type=float, default=80.0, help="step time to assume without --step-json")
-    p.add_argument("--knn-s", type=float, default=10.0, help="seconds one kNN evaluation is assumed to take")
-    p.add_argument("--epochs", type=int, default=0, help="fixed epoch count (0: the largest that fits)")
-    p.add_argument("--plot", type=Path, default=None, help="only redraw the PNG of this cifar_run.json")
-    p.add_argument("recipe_args", nargs="*", help="more recipe arguments (after --)")
-    args = p.parse_args(argv)
-    if args.plot:
-        print(plot(args.plot))
-        return
+def run_recipe(recipe: str, args, out: Path) -> dict:
+    import torch
+
     t_start = time.time()
-    args.out.mkdir(parents=True, exist_ok=True)
-    data_img_s = loader_img_per_s(args.recipe, args.workers)
+    out.mkdir(parents=True, exist_ok=True)
+    aug_s, aug_how = augment_seconds_per_batch(recipe, args.workers)
     step_s, step_src = step_seconds(args.step_json, args.step_ms / 1e3)
-    startup_s = 25.0 + (time.time() - t_start)
+    serial = aug_how == "device"
+    startup_s = (60.0 if torch.cuda.is_available() else 25.0) + (time.time() - t_start)  # (+ compilation on CUDA)
     if args.epochs:
         epochs, every = args.epochs, max(1, args.epochs // 6)
     else:
-        epochs, every = plan_epochs(args.budget, step_s, data_img_s, args.knn_s, startup_s)
-    import torch
-
-    meta = {"recipe": args.recipe, "epochs": epochs, "knn_every": every, "budget_s": args.budget,
-            "workers": args.workers, "loader_img_per_s": data_img_s, "step_s": step_s, "step_source": step_src,
+        epochs, every = plan_epochs(args.budget, step_s, aug_s, serial, args.knn_s, startup_s)
+    share = aug_s / (aug_s + step_s) if serial else None
+    meta = {"recipe": recipe, "epochs": epochs, "knn_every": every, "budget_s": args.budget, "workers": args.workers,
+            "augment": aug_how, "augment_ms_per_batch": aug_s * 1e3, "augment_share_of_step": share,
+            "step_s": step_s, "step_source": step_src,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
             "torch": torch.__version__, "start_time": t_start}
-    print(f"cifar_run: loader {data_img_s:.0f} img/s on {args.workers} workers, step {step_s * 1e3:.1f} ms "
-          f"({step_src}) -> {epochs} epochs, kNN every {every}, budget {args.budget:.0f} s", flush=True)
-    cmd = [sys.executable, str(ROOT / "recipes" / f"{args.recipe}.py"), "--epochs", str(epochs),
-           "--knn-every", str(every), "--workers", str(args.workers), "--out", str(args.out / "run"),
-           "--resume", "none", "--log-every", "20", *args.recipe_args]
+    print(f"cifar_run {recipe}: augmentation {aug_s * 1e3:.1f} ms/batch ({aug_how})"
+          + (f" = {share:.0%} of a step" if share is not None else "")
+          + f", step {step_s * 1e3:.1f} ms ({step_src}) -> {epochs} epochs, kNN every {every}", flush=True)
+    cmd = [sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), "--epochs", str(epochs), "--knn-every", str(every),
+           "--workers", str(args.workers), "--out", str(out / "run"), "--resume", args.resume, "--log-every", "20",
+           *args.recipe_args]
     meta["command"] = " ".join(cmd[1:])
-    deadline = t_start + args.budget
-    with open(args.out / "train.log", "w") as log:
+    deadline = t_start + args.budget if not args.epochs else float("inf")
+    with open(out / "train.log", "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         while proc.poll() is None and time.time() < deadline:
             time.sleep(1)
@@ -172,16 +205,45 @@ def main(argv=None):
             meta["stopped_at_deadline"] = True
     meta["returncode"] = proc.returncode
     meta["wall_s"] = time.time() - t_start
-    run = args.out / "run"
     for name in ("log.jsonl", "result.json"):
-        if (run / name).exists():
-            (args.out / name).write_bytes((run / name).read_bytes())
-    res = summarize(args.out, meta)
-    png = plot(args.out / "cifar_run.json")
+        if (out / "run" / name).exists():
+            (out / name).write_bytes((out / "run" / name).read_bytes())
+    res = summarize(out, meta)
     knn = res["knn"][-1] if res["knn"] else None
-    print(f"cifar_run: rc={proc.returncode}, {epochs} epochs in {meta['wall_s'] / 60:.1f} min"
+    print(f"cifar_run {recipe}: rc={proc.returncode}, {epochs} epochs in {meta['wall_s'] / 60:.1f} min"
           + (f", final kNN top-1 {knn['top1']:.4f} top-5 {knn['top5']:.4f} at {knn['minutes']:.1f} min" if knn else "")
-          + (f"; plot {png}" if png else ""), flush=True)
+          + (f", {res['seconds_per_epoch_median']:.1f} s/epoch" if res["seconds_per_epoch_median"] else ""), flush=True)
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="mocov2_r50", help="recipe name(s), comma-separated (default: mocov2_r50)")
+    p.add_argument("--budget", type=float, default=300.0, help="wall-clock seconds per recipe (ignored with --epochs)")
+    p.add_argument("--epochs", type=int, default=0, help="fixed epoch count (0: the largest that fits --budget)")
+    p.add_argument("--out", type=Path, default=Path("runs/cifar_run"))
+    p.add_argument("--resume", default="auto", help="passed to the recipe (auto: continue a stopped run in --out)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    p.add_argument("--step-json", default=None, help="bench_train_step's $FASTCL_BENCH_JSON file")
+    p.add_argument("--step-ms", type=float, default=40.0, help="step time to assume without --step-json")
+    p.add_argument("--knn-s", type=float, default=8.0, help="seconds one kNN evaluation is assumed to take")
+    p.add_argument("--plot", type=Path, nargs="+", default=None, help="only redraw the PNG from these cifar_run.json")
+    p.add_argument("recipe_args", nargs="*", help="more recipe arguments (after --)")
+    args = p.parse_args(argv)
+    if args.plot:
+        print(plot(args.plot, args.plot[0].parent.parent / "knn_vs_minutes.png"))
+        return
+    recipes = [r.strip() for r in args.recipe.split(",") if r.strip()]
+    for r in recipes:
+        if not (ROOT / "recipes" / f"{r}.py").exists():
+            raise SystemExit(f"error: --recipe {r}: no recipes/{r}.py")
+    outs = []
+    for r in recipes:
+        run_recipe(r, args, args.out / r)
+        outs.append(args.out / r / "cifar_run.json")
+    png = plot(outs, args.out / "knn_vs_minutes.png")
+    if png:
+        print(f"cifar_run: plot {png}")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@
 #
 # Parts, in the order of value of the GPU-proof issue:
 #   tests    the GPU-only tests: kernels in fp32/fp16/bf16 compiled for the real GPU, DALI's GPU graph
-#   cifar    a CIFAR-10 MoCo v2 run sized to $FASTCL_CIFAR_BUDGET s (default 300) with kNN against minutes
-#            (needs CIFAR-10 under $FASTCL_DATA; benchmarks/cifar_run.py)
+#   cifar    the CIFAR-10 speedrun (benchmarks/cifar_run.py): $FASTCL_CIFAR_RECIPES (default mocov2_r50, comma
+#            list) for $FASTCL_CIFAR_EPOCHS epochs or as many as fit $FASTCL_CIFAR_BUDGET s (default 300) each, kNN
+#            against minutes (needs CIFAR-10 under $FASTCL_DATA)
 #   step     training steps: MoCo v2 R50 hand loop / torch / fused / split BN / compiled, CIFAR split BN, SimCLR and
 #            BYOL R50 hand / eager / compiled, DINO ViT-S/16, S/8 eager / compiled (all of it takes ~8 min:
 #            FASTCL_STEP_K="mocov2 or dino" selects, FASTCL_BENCH_COMPILE=0 drops the compiled variants)
@@ -56,6 +57,7 @@ run_part() {
     tests) step tests_gpu "${FASTCL_TESTS_LIMIT:-120}" $PYTEST tests/kernels tests/data/test_dali.py tests/data/test_dali_color.py \
              -q -rs $XDIST --timeout 90 --junitxml "$OUT/logs/tests_gpu.xml" ;;
     cifar) step cifar "$((${FASTCL_CIFAR_BUDGET:-300} + 30))" $PY benchmarks/cifar_run.py --budget "${FASTCL_CIFAR_BUDGET:-300}" \
+             --recipe "${FASTCL_CIFAR_RECIPES:-mocov2_r50}" ${FASTCL_CIFAR_EPOCHS:+--epochs "$FASTCL_CIFAR_EPOCHS"} \
              --out "$OUT/cifar" --step-json "$BENCH_JSON" ;;
     step) FASTCL_BENCH_JSON=$BENCH_JSON step bench_train_step "${FASTCL_STEP_LIMIT:-150}" $PYTEST benchmarks/bench_train_step.py \
              -s -q --benchmark-json "$OUT/logs/bench_train_step.json" ${FASTCL_STEP_K:+-k "$FASTCL_STEP_K"} ;;
@@ -76,7 +78,9 @@ run_part() {
 } 2>&1 | tee "$OUT/summary.txt"
 [ -f "$BENCH_JSON" ] && cp "$BENCH_JSON" "$OUT/bench_steps.jsonl"
 # at most 8 files come back, 2 folders down: the summary, the JSON/PNG results, and the logs as one archive
-[ -d "$OUT/cifar" ] && { cp "$OUT"/cifar/cifar_run.json "$OUT"/cifar/knn_vs_minutes.png "$OUT"/ 2>/dev/null
-  cp "$OUT"/cifar/log.jsonl "$OUT"/cifar/train.log "$OUT/logs/" 2>/dev/null; rm -rf "$OUT/cifar"; }
+[ -d "$OUT/cifar" ] && { cp "$OUT"/cifar/knn_vs_minutes.png "$OUT"/ 2>/dev/null
+  for d in "$OUT"/cifar/*/; do r=$(basename "$d"); cp "$d/cifar_run.json" "$OUT/logs/cifar_run_$r.json" 2>/dev/null
+    cp "$d/log.jsonl" "$OUT/logs/cifar_log_$r.jsonl" 2>/dev/null; cp "$d/train.log" "$OUT/logs/cifar_train_$r.log" 2>/dev/null; done
+  rm -rf "$OUT/cifar"; }
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 ls -la "$OUT"

@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data.augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, AugmentSpec
+from .data import build as data_build
+from .data.augment import AugmentSpec
 from .engine import DistInfo, TrainConfig, Trainer, init_distributed
 
 
@@ -29,9 +30,10 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default="cifar10",
                    help="'cifar10' (default; downloaded and cached under $FASTCL_DATA or ~/.cache/fastcl) or an "
                         "ImageNet-layout folder with train/ and val/ class sub-folders")
-    g.add_argument("--data-backend", default="auto", choices=["auto", "dali", "torch"],
-                   help="augmentation back end (default: auto = DALI when installed, on the GPU or with its CPU "
-                        "operators, else torchvision; --train-samples uses torchvision)")
+    g.add_argument("--data-backend", default="auto", choices=["auto", "gpu", "dali", "torch"],
+                   help="augmentation back end (default: auto = gpu for CIFAR-10 on CUDA -- the dataset held and "
+                        "augmented on the device --, else DALI when installed, on the GPU or with its CPU operators, "
+                        "else torchvision; --train-samples uses torchvision for folders)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading workers / DALI threads per process (default: min(8, cores))")
     g = p.add_argument_group("optimization")
@@ -101,95 +103,22 @@ def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv=N
 
 # ---------------------------------------------------------------------------------------------- data
 def dataset_stats(args) -> tuple[tuple, tuple]:
-    return (CIFAR10_MEAN, CIFAR10_STD) if args.data == "cifar10" else (IMAGENET_MEAN, IMAGENET_STD)
-
-
-def _use_dali(args, dist: DistInfo) -> bool:
-    if args.data_backend == "torch":
-        return False
-    from .data.dali import dali_available
-
-    if args.data_backend == "dali":
-        if not dali_available():
-            raise RuntimeError("--data-backend dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
-        return True
-    # auto: DALI whenever installed (GPU decode on CUDA, its CPU operators otherwise: 1.5-2x torchvision's
-    # img/s on CIFAR-10 on a 2-core CPU); --train-samples subsets are a torchvision-path feature
-    return dali_available() and not args.train_samples
+    return data_build.dataset_stats(args.data)
 
 
 def build_train_loader(args, spec: AugmentSpec, dist: DistInfo):
-    """The training loader (views, labels, indices) for ``spec``, sharded over the ranks."""
-    per_rank = args.batch_size // dist.world_size
-    if per_rank * dist.world_size != args.batch_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {dist.world_size} processes")
-    if _use_dali(args, dist):
-        from .data.dali import DaliLoader
-
-        if args.train_samples:
-            raise ValueError("--train-samples works with --data-backend torch only")
-        root = _train_root(args)
-        return DaliLoader(root, spec, per_rank, rank=dist.rank, world_size=dist.world_size, seed=args.seed,
-                          num_threads=args.workers, device=dist.device,
-                          channels_last=dist.device.type == "cuda" and not args.no_channels_last)
-    from .data.loader import TorchLoader
-    from .data.transforms import MultiViewTransform
-
-    dataset = _subset(_dataset(args, "train", MultiViewTransform(spec)), args.train_samples)
-    return TorchLoader(dataset, per_rank, rank=dist.rank, world_size=dist.world_size, seed=args.seed,
-                       num_workers=args.workers, pin_memory=dist.device.type == "cuda",
-                       persistent_workers=args.workers > 0)
+    """The training loader (views, labels, indices) for ``spec``, sharded over the ranks (fastcl.data.build)."""
+    return data_build.build_train_loader(args.data, spec, args.data_backend, dist, batch_size=args.batch_size,
+                                         workers=args.workers, seed=args.seed, train_samples=args.train_samples,
+                                         channels_last=not args.no_channels_last)
 
 
 def build_knn_loaders(args, dist: DistInfo, size: int):
     """(train, val) loaders with the eval transform, for the kNN monitor."""
     if args.no_knn:
         return None
-    from .data.loader import TorchLoader
-    from .data.transforms import eval_transform
-
-    mean, std = dataset_stats(args)
-    tf = eval_transform(size, mean, std, resize=None if args.data == "cifar10" else int(size * 256 / 224))
-    loaders = []
-    for split, n in (("train", args.knn_samples), ("val", args.knn_samples // 5)):
-        ds = _subset(_dataset(args, split, tf), n)
-        loaders.append(TorchLoader(ds, 256, rank=dist.rank, world_size=dist.world_size, shuffle=False,
-                                   drop_last=False, num_workers=args.workers))
-    return tuple(loaders)
-
-
-def _subset(ds, n: int):
-    """A fixed random subset of ``n`` samples (0 = all), the same on every rank and run."""
-    if not n or n >= len(ds):
-        return ds
-    return torch.utils.data.Subset(ds, np.random.default_rng(0).permutation(len(ds))[:n].tolist())
-
-
-def _train_root(args) -> Path:
-    if args.data == "cifar10":
-        from .data.cifar10 import cifar10_imagefolder
-
-        return cifar10_imagefolder() / "train"
-    return Path(args.data) / "train"
-
-
-def _dataset(args, split: str, transform):
-    if args.data == "cifar10":
-        from .data.cifar10 import load_cifar10
-        from .data.datasets import ArrayDataset
-
-        images, labels = load_cifar10(split="train" if split == "train" else "test")
-        return ArrayDataset(images, labels, transform)
-    from .data.imagefolder import ImageFolderDataset, find_classes
-
-    root, train_root = Path(args.data) / split, Path(args.data) / "train"
-    for r in dict.fromkeys((train_root, root)):  # (train first: val's labels need it)
-        if not r.is_dir():
-            raise FileNotFoundError(f"--data {args.data}: no {r.name}/ folder at {r} (expected the ImageNet layout "
-                                    f"{args.data}/train/<class>/*.jpg and {args.data}/val/<class>/*.jpg)")
-    # val labels follow train's class order (a val split missing a class must not shift the labels)
-    classes = None if split == "train" else find_classes(train_root)
-    return ImageFolderDataset(root, transform, classes=classes)
+    return data_build.build_knn_loaders(args.data, dist, size, knn_samples=args.knn_samples, workers=args.workers,
+                                        backend=args.data_backend)
 
 
 # ---------------------------------------------------------------------------------------------- run

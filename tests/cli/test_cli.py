@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from fastcl import cli
+from fastcl.data import build as data_build
 from fastcl.engine.distributed import DistInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
@@ -56,12 +57,12 @@ def test_val_labels_follow_train_classes(tmp_path):
     _image_folder(tmp_path / "train", ["ant", "bee", "cat"])
     _image_folder(tmp_path / "val", ["bee", "cat"])
     args = argparse.Namespace(data=str(tmp_path))
-    assert cli._dataset(args, "train", None).classes == ["ant", "bee", "cat"]
+    assert data_build.dataset(args.data, "train", None).classes == ["ant", "bee", "cat"]
     # val on its own would label bee 0 and cat 1 (kNN against train's 1 and 2: silently wrong)
     with pytest.raises(FileNotFoundError, match="val/ant"):
-        cli._dataset(args, "val", None)
+        data_build.dataset(args.data, "val", None)
     _image_folder(tmp_path / "val", ["ant"])
-    val = cli._dataset(args, "val", None)
+    val = data_build.dataset(args.data, "val", None)
     assert val.classes == ["ant", "bee", "cat"]
     assert sorted(val[i][1] for i in range(len(val))) == [0, 0, 1, 1, 2, 2]
 
@@ -69,4 +70,4 @@ def test_val_labels_follow_train_classes(tmp_path):
 def test_missing_split_folder_names_it(tmp_path):
     _image_folder(tmp_path / "train", ["ant"])
     with pytest.raises(FileNotFoundError, match="no val/ folder"):
-        cli._dataset(argparse.Namespace(data=str(tmp_path)), "val", None)
+        data_build.dataset(str(tmp_path), "val", None)

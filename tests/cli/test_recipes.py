@@ -64,7 +64,9 @@ def cifar_jpeg_subset(tmp_path_factory):
 @pytest.mark.parametrize("name", [n for n in RECIPES if n not in ("dino_vits16", "mocov3_vits16", "simclrv2_r50")])
 def test_spec_gives_the_same_batch_layout_on_dali_and_torchvision(name, monkeypatch, cifar_jpeg_subset):
     pytest.importorskip("nvidia.dali")
-    monkeypatch.setattr(cli, "_train_root", lambda args: cifar_jpeg_subset)
+    from fastcl.data import build as data_build
+
+    monkeypatch.setattr(data_build, "train_root", lambda source: cifar_jpeg_subset)
     recipe = load_recipe(name)
     batches = {}
     for backend in ("dali", "torch"):
@@ -97,3 +99,26 @@ def test_readme_main_command_runs_under_torchrun(tmp_path):
     assert any("loss" in rec for rec in logged)
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
     assert ckpt["config"]["batch_size"] == 64 and ckpt["args"]["data_backend"] == "auto"
+
+
+def test_device_resident_back_end_runs_a_recipe_end_to_end(tmp_path):
+    """--data-backend gpu (auto on CUDA for CIFAR-10) through a recipe, here on CPU tensors: training batches and
+    the kNN monitor's come from the device-resident arrays."""
+    from fastcl.data.gpu import DeviceLoader
+
+    recipe = load_recipe("simclr_r50")
+    built = {}
+    real = cli.build_train_loader
+
+    def spy(args, spec, dist):
+        built["loader"] = real(args, spec, dist)
+        return built["loader"]
+
+    cli.build_train_loader = spy
+    try:
+        res = recipe.main(["--data-backend", "gpu", "--max-steps", "2", "--batch-size", "16", "--train-samples", "256",
+                           "--knn-samples", "250", "--workers", "0", "--out", str(tmp_path), "--arch", "resnet18_cifar"])
+    finally:
+        cli.build_train_loader = real
+    assert isinstance(built["loader"], DeviceLoader) and len(built["loader"]) == 16
+    assert res["step"] == 2 and 0.0 <= res["top1"] <= 1.0

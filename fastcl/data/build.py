@@ -1,0 +1,153 @@
+"""The one place that turns (data source, augmentation spec, back end, process) into loaders.
+
+Sources: ``"cifar10"`` (in memory, fetched and cached on first use) or a folder in the ImageNet layout
+(``train/<class>/*``, ``val/<class>/*``). Back ends:
+
+- ``gpu``: the whole in-memory dataset on the training device, views augmented there (``fastcl.data.gpu``);
+  for in-memory sources only (CIFAR-10).
+- ``dali``: NVIDIA DALI (GPU decode on CUDA, its CPU operators otherwise), for image folders and CIFAR-10's
+  JPEG copy.
+- ``torch``: torchvision transforms in DataLoader workers; the only one taking ``train_samples`` for folders.
+- ``auto``: ``gpu`` for CIFAR-10 on CUDA; else DALI when installed (and no ``train_samples``); else torch.
+
+The kNN monitor's loaders come from here too: device-resident for CIFAR-10 on the ``gpu`` back end, torchvision
+otherwise (the same eval transform, so the same features).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, AugmentSpec
+
+if TYPE_CHECKING:
+    from ..engine.distributed import DistInfo
+
+BACKENDS = ("auto", "gpu", "dali", "torch")
+IN_MEMORY = ("cifar10",)
+
+
+def dataset_stats(source: str) -> tuple[tuple, tuple]:
+    """(mean, std) used to normalize ``source``'s images."""
+    return (CIFAR10_MEAN, CIFAR10_STD) if source == "cifar10" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def resolve_backend(source: str, backend: str, device: torch.device, train_samples: int = 0) -> str:
+    """The back end ``auto`` stands for here, or ``backend`` itself after checking it can serve ``source``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--data-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    from .dali import dali_available
+
+    if backend == "gpu" and source not in IN_MEMORY:
+        raise ValueError(f"--data-backend gpu holds an in-memory dataset ({', '.join(IN_MEMORY)}) on the device; "
+                         f"--data {source} is an image folder: use --data-backend dali or torch")
+    if backend == "dali" and not dali_available():
+        raise RuntimeError("--data-backend dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
+    if backend == "dali" and train_samples:
+        raise ValueError("--train-samples works with --data-backend torch or gpu only")
+    if backend != "auto":
+        return backend
+    if source in IN_MEMORY and device.type == "cuda":
+        return "gpu"
+    # DALI whenever installed (GPU decode on CUDA, its CPU operators otherwise: 1.5-2x torchvision's img/s on
+    # CIFAR-10 on a 2-core CPU); --train-samples subsets are a torchvision-path feature
+    return "dali" if dali_available() and not train_samples else "torch"
+
+
+def _subset_indices(n: int, k: int) -> np.ndarray | None:
+    """A fixed random subset of ``k`` of ``n`` samples (0 = all), the same on every rank and run."""
+    if not k or k >= n:
+        return None
+    return np.random.default_rng(0).permutation(n)[:k]
+
+
+def subset(ds, k: int):
+    idx = _subset_indices(len(ds), k)
+    return ds if idx is None else torch.utils.data.Subset(ds, idx.tolist())
+
+
+def train_root(source: str) -> Path:
+    """The image folder DALI reads for ``source`` (CIFAR-10: its JPEG copy, written once)."""
+    if source == "cifar10":
+        from .cifar10 import cifar10_imagefolder
+
+        return cifar10_imagefolder() / "train"
+    return Path(source) / "train"
+
+
+def _arrays(source: str, split: str, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from .cifar10 import load_cifar10
+
+    images, labels = load_cifar10(split="train" if split == "train" else "test")
+    idx = _subset_indices(len(images), k)
+    return (images, labels) if idx is None else (images[idx], labels[idx])
+
+
+def dataset(source: str, split: str, transform):
+    """A map-style dataset of ``source``'s ``split`` ("train" or "val") with ``transform``."""
+    if source in IN_MEMORY:
+        from .datasets import ArrayDataset
+
+        return ArrayDataset(*_arrays(source, split), transform)
+    from .imagefolder import ImageFolderDataset, find_classes
+
+    root, train = Path(source) / split, Path(source) / "train"
+    for r in dict.fromkeys((train, root)):  # (train first: val's labels need it)
+        if not r.is_dir():
+            raise FileNotFoundError(f"--data {source}: no {r.name}/ folder at {r} (expected the ImageNet layout "
+                                    f"{source}/train/<class>/*.jpg and {source}/val/<class>/*.jpg)")
+    # val labels follow train's class order (a val split missing a class must not shift the labels)
+    classes = None if split == "train" else find_classes(train)
+    return ImageFolderDataset(root, transform, classes=classes)
+
+
+def build_train_loader(source: str, spec: AugmentSpec, backend: str, dist: DistInfo, *, batch_size: int,
+                       workers: int, seed: int = 0, train_samples: int = 0, channels_last: bool = True):
+    """The training loader yielding ``(views, labels, indices)`` of ``spec``, sharded over the ranks.
+    ``batch_size`` is global; each rank gets ``batch_size / world_size``."""
+    per_rank = batch_size // dist.world_size
+    if per_rank * dist.world_size != batch_size:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by the {dist.world_size} processes")
+    backend = resolve_backend(source, backend, dist.device, train_samples)
+    cl = dist.device.type == "cuda" and channels_last
+    if backend == "gpu":
+        from .gpu import DeviceLoader
+
+        images, labels = _arrays(source, "train", train_samples)
+        return DeviceLoader(images, labels, spec, per_rank, device=dist.device, rank=dist.rank,
+                            world_size=dist.world_size, seed=seed, channels_last=cl,
+                            out_dtype=torch.bfloat16 if dist.device.type == "cuda" else torch.float32)
+    if backend == "dali":
+        from .dali import DaliLoader
+
+        return DaliLoader(train_root(source), spec, per_rank, rank=dist.rank, world_size=dist.world_size, seed=seed,
+                          num_threads=workers, device=dist.device, channels_last=cl)
+    from .loader import TorchLoader
+    from .transforms import MultiViewTransform
+
+    return TorchLoader(subset(dataset(source, "train", MultiViewTransform(spec)), train_samples), per_rank,
+                       rank=dist.rank, world_size=dist.world_size, seed=seed, num_workers=workers,
+                       pin_memory=dist.device.type == "cuda", persistent_workers=workers > 0)
+
+
+def build_knn_loaders(source: str, dist: DistInfo, size: int, *, knn_samples: int = 0, workers: int = 2,
+                      backend: str = "auto"):
+    """(train, val) loaders with the eval transform for the kNN monitor: ``knn_samples`` train images (0 = all)
+    and a fifth as many val images. Device-resident when the training data is (the ``gpu`` back end)."""
+    mean, std = dataset_stats(source)
+    if source in IN_MEMORY and resolve_backend(source, backend, dist.device) == "gpu" and size == 32:
+        from .gpu import DeviceEvalLoader
+
+        return tuple(DeviceEvalLoader(*_arrays(source, split, n), mean, std, 1024, device=dist.device,
+                                      rank=dist.rank, world_size=dist.world_size)
+                     for split, n in (("train", knn_samples), ("val", knn_samples // 5)))
+    from .loader import TorchLoader
+    from .transforms import eval_transform
+
+    tf = eval_transform(size, mean, std, resize=None if source in IN_MEMORY else int(size * 256 / 224))
+    return tuple(TorchLoader(subset(dataset(source, split, tf), n), 256, rank=dist.rank, world_size=dist.world_size,
+                             shuffle=False, drop_last=False, num_workers=workers)
+                 for split, n in (("train", knn_samples), ("val", knn_samples // 5)))
