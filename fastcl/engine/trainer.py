@@ -103,6 +103,7 @@ class Trainer:
         self.log_fn = log_fn
         self.model: nn.Module = self.method
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self._last_checkpoint: tuple[Path, int] | None = None  # (path, step) a resume would start from
         resumed = self._maybe_resume()
         if dist_info.world_size > 1:
             self._broadcast_state()
@@ -213,6 +214,7 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         path = Path(self.cfg.out_dir) / name
+        self._check_state_finite(path)  # collective under DDP: all ranks agree
         self._sync_norm_stats()  # collective
         zero = self.zero.save(path, self.step) if self.zero else None  # collective: shards first
         state = self._state()  # collective: every rank takes part
@@ -220,6 +222,32 @@ class Trainer:
             save_atomic({**state, "zero": zero} if zero else state, path)
             if zero:
                 self.zero.prune(path, zero["tag"])
+        self._last_checkpoint = (path, self.step)
+
+    def _what_exists(self) -> str:
+        """Which checkpoint a resumed run would start from, in words."""
+        if self._last_checkpoint is None:
+            return f"no checkpoint of this run exists in {self.cfg.out_dir} (nothing to resume)"
+        path, step = self._last_checkpoint
+        return f"the last checkpoint, {path} (step {step}), is intact and was not overwritten"
+
+    @torch.no_grad()
+    def _check_state_finite(self, path: Path) -> None:
+        """Refuse to write a checkpoint holding NaN/inf parameters, buffers or optimizer state (a finite loss can be
+        followed by an update that poisons the weights): one reduction and one host read, at checkpoints only."""
+        tensors = [t for t in [*self.method.parameters(), *self.method.buffers()] if t.is_floating_point()]
+        if not self.zero:
+            tensors += [v for st in self.optimizer.state.values() for v in st.values()
+                        if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else \
+            torch.ones((), dtype=torch.bool, device=self.device)
+        if self.dist.world_size > 1:
+            ok = ok.to(self.device, torch.int32)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not bool(ok):
+            raise NonFiniteLossError(
+                f"the weights are not finite after step {self.step} (an update diverged): {path} was not written; "
+                f"{self._what_exists()}. Lower the lr, check the data, or try --amp none.")
 
     def _maybe_resume(self) -> tuple | None:
         path = find_resume(self.cfg.out_dir, self.cfg.resume)
@@ -248,6 +276,7 @@ class Trainer:
         elif self.dist.is_main:
             print(f"warning: {path} was written by {ckpt.get('world_size')} ranks, resuming on "
                   f"{self.dist.world_size}: RNG streams restart", flush=True)
+        self._last_checkpoint = (path, self.step)
         if self.dist.is_main:
             print(f"resumed from {path} at epoch {self.epoch}, batch {self.batch_in_epoch}, step {self.step}",
                   flush=True)
@@ -312,11 +341,10 @@ class Trainer:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
             bad_step = torch.where(first == never, -1, first)
         s = int(bad_step.item())
-        if s >= 0:
+        if s >= 0:  # (s counts from 0; log.jsonl numbers the step after it, s + 1)
             raise NonFiniteLossError(
-                f"loss is not finite at step {s} (epoch {s // self.steps_per_epoch}): stopping; the last "
-                f"checkpoint in {self.cfg.out_dir} is from before it and is intact. Lower the lr, check the "
-                "data, or try --amp none.")
+                f"loss is not finite at step {s + 1} (epoch {s // self.steps_per_epoch}): stopping; "
+                f"{self._what_exists()}. Lower the lr, check the data, or try --amp none.")
 
     def fit(self) -> dict:
         cfg = self.cfg

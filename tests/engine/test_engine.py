@@ -208,11 +208,45 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
     log = []
-    with pytest.raises(NonFiniteLossError, match="step 5"):
+    # Step.step 5 is the 6th step: numbered 6, as log.jsonl numbers it
+    with pytest.raises(NonFiniteLossError, match=r"step 6 .*checkpoint\.pth \(step 4\), is intact"):
         _train(tmp_path, 0, log, method=ToyMethod(nan_at_step=5), ckpt_every=4)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]  # the bad step is not logged as a number
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
     assert ckpt["position"]["step"] == 4  # the last good checkpoint, untouched by the bad step
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+class PoisonedUpdate(ToyMethod):
+    """The loss stays finite, but the update after step ``at`` leaves NaN weights (as a too-large lr can)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step):
+        super().after_optimizer_step(step)
+        if step.step == self.at:
+            self.backbone.weight.fill_(float("nan"))
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
+    """Checkpoint every step; the update of step 3 poisons the weights while its loss was finite: the step-3
+    checkpoint is refused, the step-2 one stays, and auto-resume would find finite weights."""
+    with pytest.raises(NonFiniteLossError, match=r"weights are not finite after step 3 .*\(step 2\), is intact"):
+        _train(tmp_path, 0, [], method=PoisonedUpdate(at=2), ckpt_every=1, log_every=10**6)
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert ckpt["position"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert all(torch.isfinite(v).all() for st in ckpt["optimizer"]["state"].values() for v in st.values()
+               if isinstance(v, torch.Tensor))
+
+
+def test_non_finite_message_says_when_no_checkpoint_exists(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="no checkpoint of this run exists"):
+        _train(tmp_path, 0, [], method=ToyMethod(nan_at_step=2), ckpt_every=1000)
+    assert not (tmp_path / "checkpoint.pth").exists()
 
 
 def test_resume_rejects_a_foreign_file(tmp_path):
@@ -327,8 +361,8 @@ def test_ddp_ranks_start_equal_and_stop_together_on_one_ranks_nan(tmp_path):
     assert set(r0["start"]) >= {"queue", "backbone.weight"}
     for k in r0["start"]:
         assert torch.equal(r0["start"][k], r1["start"][k]), k
-    assert r0["error"] is not None and "step 3" in r0["error"]
-    assert r1["error"] is not None and "step 3" in r1["error"]
+    assert r0["error"] is not None and "step 4" in r0["error"]  # (Step.step 3: the 4th step)
+    assert r1["error"] is not None and "step 4" in r1["error"]
     # each rank normalised its own shard, yet kNN and checkpoints see one model: rank 0's statistics
     ckpt = torch.load(tmp_path / "bn" / "checkpoint.pth", weights_only=False)
     for k in ("running_mean", "running_var"):
@@ -371,5 +405,5 @@ def test_steady_state_step_has_no_host_sync(tmp_path):
 
 
 def test_non_finite_step_is_still_named_without_a_sync_per_step(tmp_path):
-    with pytest.raises(NonFiniteLossError, match="step 6"):
+    with pytest.raises(NonFiniteLossError, match="step 7"):
         _train(tmp_path, 0, [], method=ToyMethod(nan_at_step=6), log_every=10**6, ckpt_every=0)
