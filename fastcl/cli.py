@@ -98,7 +98,36 @@ def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv=N
     missing = [k for k, v in vars(args).items() if v is None and k not in ("wd_end", "out")]
     if missing:
         parser.error(f"no value for {missing} (not given and not in preset {preset!r})")
+    check_args(args)
     return args
+
+
+# (flag, lowest allowed value, whether the lowest is excluded): checked for every recipe, before anything runs
+_BOUNDS = [("epochs", 1, False), ("batch_size", 1, False), ("lr", 0.0, True), ("min_lr", 0.0, False),
+           ("warmup_epochs", 0.0, False), ("wd", 0.0, False), ("wd_end", 0.0, False), ("clip_grad", 0.0, False),
+           ("max_steps", 0, False), ("ckpt_every", 0, False), ("log_every", 1, False), ("knn_every", 0, False),
+           ("knn_k", 1, False), ("knn_t", 0.0, True), ("knn_samples", 0, False), ("train_samples", 0, False),
+           ("workers", 0, False), ("seed", 0, False)]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse nonsense up front, naming the flag (was: --epochs 0 "succeeded" with a random backbone,
+    --log-every 0 divided by zero after a step, --lr nan trained NaNs)."""
+    import math
+
+    for name, low, strict in _BOUNDS:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{flag} must be a finite number, got {v}")
+        if v < low or (strict and v == low):
+            raise ValueError(f"{flag} must be {'>' if strict else '>='} {low}, got {v}")
+    if not 0.0 <= args.momentum < 1.0:
+        raise ValueError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if args.warmup_epochs > args.epochs:
+        raise ValueError(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -195,6 +224,6 @@ def main_guard(fn: Callable[[], object]) -> None:
 
     try:
         fn()
-    except (NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    except (NonFiniteLossError, ValueError, OSError) as e:  # (OSError: FileNotFoundError, permissions, full disk)
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

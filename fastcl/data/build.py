@@ -35,8 +35,11 @@ def dataset_stats(source: str) -> tuple[tuple, tuple]:
     return (CIFAR10_MEAN, CIFAR10_STD) if source == "cifar10" else (IMAGENET_MEAN, IMAGENET_STD)
 
 
-def resolve_backend(source: str, backend: str, device: torch.device, train_samples: int = 0) -> str:
-    """The back end ``auto`` stands for here, or ``backend`` itself after checking it can serve ``source``."""
+def resolve_backend(source: str, backend: str, device: torch.device, train_samples: int = 0,
+                    workers: int | None = None) -> str:
+    """The back end ``auto`` stands for here, or ``backend`` itself after checking it can serve ``source``.
+    ``workers=0`` (the bit-exact setting of the torchvision back end) keeps ``auto`` off DALI, which needs
+    threads."""
     if backend not in BACKENDS:
         raise ValueError(f"--data-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     from .dali import dali_available
@@ -45,16 +48,19 @@ def resolve_backend(source: str, backend: str, device: torch.device, train_sampl
         raise ValueError(f"--data-backend gpu holds an in-memory dataset ({', '.join(IN_MEMORY)}) on the device; "
                          f"--data {source} is an image folder: use --data-backend dali or torch")
     if backend == "dali" and not dali_available():
-        raise RuntimeError("--data-backend dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
+        raise ValueError("--data-backend dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
     if backend == "dali" and train_samples:
         raise ValueError("--train-samples works with --data-backend torch or gpu only")
+    if backend == "dali" and workers == 0:
+        raise ValueError("--data-backend dali needs --workers >= 1 (its CPU threads); --workers 0 is for the "
+                         "torchvision back end (--data-backend torch)")
     if backend != "auto":
         return backend
     if source in IN_MEMORY and device.type == "cuda":
         return "gpu"
     # DALI whenever installed (GPU decode on CUDA, its CPU operators otherwise: 1.5-2x torchvision's img/s on
-    # CIFAR-10 on a 2-core CPU); --train-samples subsets are a torchvision-path feature
-    return "dali" if dali_available() and not train_samples else "torch"
+    # CIFAR-10 on a 2-core CPU); --train-samples subsets and --workers 0 are torchvision-path settings
+    return "dali" if dali_available() and not train_samples and workers != 0 else "torch"
 
 
 def _subset_indices(n: int, k: int) -> np.ndarray | None:
@@ -111,7 +117,7 @@ def build_train_loader(source: str, spec: AugmentSpec, backend: str, dist: DistI
     per_rank = batch_size // dist.world_size
     if per_rank * dist.world_size != batch_size:
         raise ValueError(f"--batch-size {batch_size} is not divisible by the {dist.world_size} processes")
-    backend = resolve_backend(source, backend, dist.device, train_samples)
+    backend = resolve_backend(source, backend, dist.device, train_samples, workers)
     cl = dist.device.type == "cuda" and channels_last
     if backend == "gpu":
         from .gpu import DeviceLoader
@@ -138,7 +144,7 @@ def build_knn_loaders(source: str, dist: DistInfo, size: int, *, knn_samples: in
     """(train, val) loaders with the eval transform for the kNN monitor: ``knn_samples`` train images (0 = all)
     and a fifth as many val images. Device-resident when the training data is (the ``gpu`` back end)."""
     mean, std = dataset_stats(source)
-    if source in IN_MEMORY and resolve_backend(source, backend, dist.device) == "gpu" and size == 32:
+    if source in IN_MEMORY and resolve_backend(source, backend, dist.device, workers=workers) == "gpu" and size == 32:
         from .gpu import DeviceEvalLoader
 
         return tuple(DeviceEvalLoader(*_arrays(source, split, n), mean, std, 1024, device=dist.device,

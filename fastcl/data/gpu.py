@@ -67,8 +67,8 @@ class DeviceLoader:
         self.augment = BatchAugment(spec, out_dtype=out_dtype, channels_last=channels_last)
         self.epoch, self.start_batch = 0, 0
         if len(self) == 0:
-            raise ValueError(f"dataset of {len(self.images)} samples is smaller than one global batch "
-                             f"({world_size} ranks x {batch_size})")
+            raise ValueError(f"the training set has {len(self.images)} samples, fewer than one global batch "
+                             f"({world_size} process(es) x {batch_size}): lower --batch-size")
         self._generator = torch.Generator(self.device)
 
     def __len__(self) -> int:

@@ -100,8 +100,8 @@ class TorchLoader:
         self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch, self.start_batch = 0, 0
         if drop_last and len(self) == 0:
-            raise ValueError(f"dataset of {len(dataset)} samples is smaller than one global batch "
-                             f"({world_size} ranks x {batch_size}); use drop_last=False or a smaller batch")
+            raise ValueError(f"the training set has {len(dataset)} samples, fewer than one global batch "
+                             f"({world_size} process(es) x {batch_size}): lower --batch-size")
         self._sampler = _BatchSampler()
         self._generator = torch.Generator()
         self._loader = DataLoader(dataset, batch_sampler=self._sampler, num_workers=num_workers,

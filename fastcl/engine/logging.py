@@ -19,7 +19,12 @@ def nvtx_range(name: str):
 
 
 class RunLogger:
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    """``log.jsonl`` (appended) and TensorBoard scalars. ``resume_step``: a run resumed from a checkpoint of that
+    step first drops the records past it (a killed run logged steps the resumed one will log again), from
+    log.jsonl and, through ``purge_step``, from TensorBoard."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self._jsonl = None
@@ -27,12 +32,16 @@ class RunLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.out_dir / "log.jsonl", "a", buffering=1)
+        path = self.out_dir / "log.jsonl"
+        if resume_step is not None and path.exists():
+            _truncate_jsonl(path, resume_step)
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+                self._tb = SummaryWriter(str(self.out_dir / "tb"),
+                                         purge_step=None if resume_step is None else resume_step + 1)
             except ImportError:
                 self._tb = None
 
@@ -57,6 +66,21 @@ class RunLogger:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the records of ``path`` up to step ``last_step`` (and any without a step); atomic."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the kill
+            continue
+        if not isinstance(rec, dict) or rec.get("step", 0) <= last_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept))
+    tmp.replace(path)
 
 
 class Progress:

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..methods.base import Method, Step
-from .checkpoint import LATEST, find_resume, load_checkpoint, rng_state, save_atomic, set_rng_state
+from .checkpoint import (LATEST, claim_out_dir, find_resume, load_checkpoint, rng_state, save_atomic,
+                         set_rng_state)
 from .distributed import DistInfo
 from .logging import Progress, RunLogger, Throughput, nvtx_range
 from .optim import build_optimizer, cosine_schedule
@@ -99,12 +100,25 @@ class Trainer:
                              f"batch ({cfg.batch_size}); lower --batch-size")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.schedules = self._build_schedules()
-        self.logger = RunLogger(cfg.out_dir, enabled=dist_info.is_main)
+        self._out_lock = claim_out_dir(cfg.out_dir) if dist_info.is_main else None  # one run per --out
+        try:
+            self._setup(log_fn, on_cuda)
+        except BaseException:  # a refused resume, a bad option: the folder is free again for the next try
+            if self._out_lock is not None:
+                self._out_lock.release()
+            raise
+
+    def _setup(self, log_fn, on_cuda: bool) -> None:
+        """The part of the construction that runs with ``--out`` claimed: resume, logs, wrapping, compilation."""
+        cfg, dist_info = self.cfg, self.dist
         self.log_fn = log_fn
         self.model: nn.Module = self.method
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self._last_checkpoint: tuple[Path, int] | None = None  # (path, step) a resume would start from
         resumed = self._maybe_resume()
+        # log.jsonl / TensorBoard cut back to the checkpoint's step: a killed run's records past it are replayed
+        self.logger = RunLogger(cfg.out_dir, enabled=dist_info.is_main,
+                                resume_step=self.step if resumed is not None else None)
         if dist_info.world_size > 1:
             self._broadcast_state()
         if cfg.zero_stage:
@@ -256,7 +270,8 @@ class Trainer:
         ckpt = load_checkpoint(path)
         missing = [k for k in ("model", "optimizer", "position", "rng") if k not in ckpt]
         if missing:
-            raise RuntimeError(f"checkpoint {path} lacks {missing}: not a fastcl training checkpoint")
+            raise ValueError(f"checkpoint {path} lacks {missing}: not a fastcl training checkpoint (--resume takes "
+                             "the checkpoint.pth a run writes in its --out)")
         from .zero import ZeroEngine  # (imports no DeepSpeed)
 
         ZeroEngine.check_resumable(ckpt, path, self.cfg.zero_stage, self.dist.world_size)
@@ -347,6 +362,14 @@ class Trainer:
                 f"{self._what_exists()}. Lower the lr, check the data, or try --amp none.")
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.logger.close()
+            if self._out_lock is not None:
+                self._out_lock.release()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         end_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         bar = Progress(end_step, self.step, enabled=self.dist.is_main)
@@ -427,5 +450,4 @@ class Trainer:
         self._check_finite(bad_step)
         self.save()
         result = self.knn() or result
-        self.logger.close()
         return {"step": self.step, "epoch": self.epoch, **(result or {})}

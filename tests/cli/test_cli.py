@@ -71,3 +71,55 @@ def test_missing_split_folder_names_it(tmp_path):
     _image_folder(tmp_path / "train", ["ant"])
     with pytest.raises(FileNotFoundError, match="no val/ folder"):
         data_build.dataset(str(tmp_path), "val", None)
+
+
+def _guarded(recipe_name, argv, capsys):
+    """Run a recipe's main as its __main__ does (through main_guard): (exit code, stderr)."""
+    recipe = load_recipe(recipe_name)
+    with pytest.raises(SystemExit) as e:
+        cli.main_guard(lambda: recipe.main(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs", "0"], "error: --epochs must be >= 1, got 0"),
+    (["--max-steps", "-1"], "error: --max-steps must be >= 0, got -1"),
+    (["--log-every", "0"], "error: --log-every must be >= 1, got 0"),
+    (["--ckpt-every", "-1"], "error: --ckpt-every must be >= 0, got -1"),
+    (["--knn-samples", "-5"], "error: --knn-samples must be >= 0, got -5"),
+    (["--lr", "nan"], "error: --lr must be a finite number, got nan"),
+    (["--lr", "0"], "error: --lr must be > 0.0, got 0.0"),
+    (["--momentum", "1.5"], "error: --momentum must be in [0, 1), got 1.5"),
+])
+def test_nonsense_flags_are_refused_up_front_in_one_line(argv, message, tmp_path, capsys):
+    code, err = _guarded("mocov2_r50", argv + ["--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and err.strip() == message
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_bad_resume_files_are_one_error_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pth")
+    for f, msg in (("notes.txt", "not a PyTorch checkpoint, or torn"), ("foreign.pth", "not a fastcl training")):
+        code, err = _guarded("mocov2_r50", ["--resume", str(tmp_path / f), "--out", str(tmp_path / "o"),
+                                            "--train-samples", "64", "--batch-size", "16", "--workers", "0",
+                                            "--no-knn", "--max-steps", "1"], capsys)
+        assert code == 1 and err.startswith("error: ") and msg in err and "Traceback" not in err
+        assert err.count("\n") == 1
+
+
+def test_out_at_a_file_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("x")
+    code, err = _guarded("mocov2_r50", ["--out", str(tmp_path / "taken"), "--train-samples", "64", "--batch-size",
+                                        "16", "--workers", "0", "--no-knn", "--max-steps", "1"], capsys)
+    assert code == 1 and err.strip() == f"error: --out {tmp_path / 'taken'} is a file, not a folder"
+
+
+def test_workers_0_keeps_auto_off_dali_and_dali_names_the_flags():
+    from fastcl.data.build import resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("/data", "auto", cpu, workers=0) == "torch"  # the bit-exact setting of README
+    pytest.importorskip("nvidia.dali")
+    with pytest.raises(ValueError, match="--data-backend dali needs --workers >= 1"):
+        resolve_backend("/data", "dali", cpu, workers=0)

@@ -91,7 +91,7 @@ def test_bad_arguments():
         TorchLoader(ds, 2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         TorchLoader(ds, 0)
-    with pytest.raises(ValueError, match="smaller than one global batch"):
+    with pytest.raises(ValueError, match="fewer than one global batch .*lower --batch-size"):
         TorchLoader(ds, 4, world_size=3, rank=0)
     assert len(TorchLoader(ds, 4, world_size=3, rank=2, drop_last=False, num_workers=0)) == 1
     with pytest.raises(ValueError, match="start_batch"):

@@ -251,7 +251,7 @@ def test_non_finite_message_says_when_no_checkpoint_exists(tmp_path):
 
 def test_resume_rejects_a_foreign_file(tmp_path):
     torch.save({"something": 1}, tmp_path / "checkpoint.pth")
-    with pytest.raises(RuntimeError, match="checkpoint.pth lacks"):
+    with pytest.raises(ValueError, match="checkpoint.pth lacks"):
         _train(tmp_path, 2, [])
 
 
