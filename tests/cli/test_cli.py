@@ -123,3 +123,28 @@ def test_workers_0_keeps_auto_off_dali_and_dali_names_the_flags():
     pytest.importorskip("nvidia.dali")
     with pytest.raises(ValueError, match="--data-backend dali needs --workers >= 1"):
         resolve_backend("/data", "dali", cpu, workers=0)
+
+
+def test_cpu_caps_the_knn_bank_unless_given_and_the_banner_shows_resolved_values(tmp_path, capsys):
+    argv = ["--max-steps", "1", "--batch-size", "16", "--train-samples", "64", "--workers", "0", "--out",
+            str(tmp_path / "a")]
+    seen = {}
+    real = cli.build_knn_loaders
+
+    def spy(args, dist, size):
+        seen["knn_samples"] = args.knn_samples
+        return None  # (no kNN work in this test)
+
+    cli.build_knn_loaders = spy
+    try:
+        load_recipe("mocov2_r50").main(argv)
+        err = capsys.readouterr().err
+        assert seen["knn_samples"] == cli.CPU_KNN_SAMPLES and "pass --knn-samples 0 for all" in err
+        load_recipe("mocov2_r50").main(argv[:-1] + [str(tmp_path / "b"), "--knn-samples", "0"])
+        assert seen["knn_samples"] == 0
+    finally:
+        cli.build_knn_loaders = real
+    printed = capsys.readouterr().out
+    assert "resolved: data back end torchvision (0 workers), amp off, kernels torch, compile none, device cpu" in printed
+    assert "lr 0.001875 (= 0.03 x 16/256)" in printed
+    assert "batch_size_given" not in printed and "min_lr_given" not in printed
