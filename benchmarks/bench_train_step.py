@@ -146,30 +146,39 @@ class HandMoCo(nn.Module):
         return logits, labels
 
 
-def time_hand_moco(warmup=WARMUP, steps=STEPS) -> float:
-    torch.manual_seed(0)
-    model = HandMoCo(ARCH, K=K).to(DEVICE)
-    cl = DEVICE.type == "cuda"
-    if cl:
+def _hand_loop(model, loss_fn, after=None, batch=BATCH, warmup=WARMUP, steps=STEPS) -> float:
+    """Mean seconds per step of a plain-PyTorch loop: bf16 autocast + channels_last on CUDA, SGD, the
+    official repos' unfused loss and per-parameter momentum loop (``after``)."""
+    model = model.to(DEVICE)
+    if DEVICE.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
-    loader = SyntheticLoader(1, BATCH, [SIZE, SIZE])
-    im_q, im_k = loader.views
-    if cl:
-        im_q, im_k = (v.contiguous(memory_format=torch.channels_last) for v in (im_q, im_k))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], 0.03, momentum=0.9, weight_decay=1e-4)
+    x1, x2 = SyntheticLoader(1, batch, [SIZE, SIZE]).views
+    if DEVICE.type == "cuda":
+        x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
     amp = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=DEVICE.type == "cuda")
     for i in range(warmup + steps):
         if i == warmup:
             _sync()
             t0 = time.perf_counter()
         with amp:
-            output, target = model(im_q, im_k)
-            loss = F.cross_entropy(output.float(), target)
+            loss = loss_fn(model, x1, x2)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if after is not None:
+            after(model)
     _sync()
     return (time.perf_counter() - t0) / steps
+
+
+def time_hand_moco(warmup=WARMUP, steps=STEPS) -> float:
+    torch.manual_seed(0)
+
+    def loss_fn(model, im_q, im_k):  # main_moco.py: criterion(output, target) on the materialised logits
+        output, target = model(im_q, im_k)
+        return F.cross_entropy(output.float(), target)
+    return _hand_loop(HandMoCo(ARCH, K=K), loss_fn, warmup=warmup, steps=steps)
 
 
 def moco(arch=ARCH, K=K, bn_splits=1) -> MoCo:
@@ -227,32 +236,6 @@ def test_mocov2_cifar_step(tmp_path, benchmark, bn_splits):
 
 
 # ------------------------------------------------------------------------------------------- SimCLR, BYOL
-def _hand_loop(model, loss_fn, after=None, batch=BATCH, warmup=WARMUP, steps=STEPS) -> float:
-    """Mean seconds per step of a plain-PyTorch loop: bf16 autocast + channels_last on CUDA, SGD, the
-    official repos' unfused loss and per-parameter momentum loop (``after``)."""
-    model = model.to(DEVICE)
-    if DEVICE.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], 0.03, momentum=0.9, weight_decay=1e-4)
-    x1, x2 = SyntheticLoader(1, batch, [SIZE, SIZE]).views
-    if DEVICE.type == "cuda":
-        x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
-    amp = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=DEVICE.type == "cuda")
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync()
-            t0 = time.perf_counter()
-        with amp:
-            loss = loss_fn(model, x1, x2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if after is not None:
-            after(model)
-    _sync()
-    return (time.perf_counter() - t0) / steps
-
-
 def _simclr_hand():
     """SimCLR v1 as its common PyTorch ports write it: R50, 2-layer projector, NT-Xent over a materialised
     2N x 2N similarity matrix with the diagonal masked, cross-entropy."""

@@ -67,7 +67,6 @@ class _PointerTable:
 
     def __init__(self, targets, onlines, block_size):
         self.targets, self.onlines, self.block_size = targets, onlines, block_size
-        self.key = _ptr_key(targets, onlines)
         dev = targets[0].device
         blk_tensor, blk_start = [], []
         for i, t in enumerate(targets):

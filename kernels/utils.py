@@ -1,13 +1,11 @@
 """Shared launch helpers for the fastcl Triton kernels (after Liger-Kernel ``ops/utils.py``).
 
 ``calculate_settings`` picks a power-of-two block and a warp count for a row of ``n`` elements and
-raises for rows too long to hold in one block; ``ensure_contiguous`` makes every tensor argument of
-an autograd hook contiguous so kernels can assume a unit inner stride.
+raises for rows too long to hold in one block.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -61,16 +59,6 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a small split still exercises the split-reduction code paths
-
-
-def ensure_contiguous(fn):
-    @functools.wraps(fn)
-    def wrapper(ctx, *args, **kwargs):
-        args = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
-        kwargs = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        return fn(ctx, *args, **kwargs)
-
-    return wrapper
 
 
 def cdiv(a: int, b: int) -> int:

@@ -248,7 +248,8 @@ class Trainer:
     @torch.no_grad()
     def _check_state_finite(self, path: Path) -> None:
         """Refuse to write a checkpoint holding NaN/inf parameters, buffers or optimizer state (a finite loss can be
-        followed by an update that poisons the weights): one reduction and one host read, at checkpoints only."""
+        followed by an update that poisons the weights): one isfinite per tensor, one host read, at checkpoints
+        only."""
         tensors = [t for t in [*self.method.parameters(), *self.method.buffers()] if t.is_floating_point()]
         if not self.zero:
             tensors += [v for st in self.optimizer.state.values() for v in st.values()
