@@ -77,7 +77,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="autocast dtype of the backbone pass (default: bf16 on CUDA, none on CPU)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-samples", type=int, default=0,
+                   help="probe on a fixed random subset of this many train images (a quick try; default: 0 = all)")
+    p.add_argument("--val-samples", type=int, default=0,
+                   help="evaluate on a fixed random subset of this many val images (default: 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--output", default=None, help="result JSON (default: <checkpoint dir>/linear_<data>.json)")
     return p
 
@@ -305,15 +309,42 @@ def build_dataset(data: str, split: str, transform):
     return ImageFolderDataset(root, transform, classes=classes)
 
 
-def _feature_cache_key(checkpoint: str, arch: str, data: str, size: int) -> dict:
+def subset(ds, n: int, seed: int):
+    """A fixed random subset of ``n`` items of ``ds`` (the same for a given seed), or ``ds`` when n is 0 or
+    covers it. Keeps ``classes`` so the class count is the dataset's, not the subset's."""
+    if not n or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    sub = torch.utils.data.Subset(ds, idx.tolist())
+    sub.num_classes = _num_classes(ds)
+    return sub
+
+
+def _num_classes(ds) -> int:
+    if hasattr(ds, "num_classes"):
+        return int(ds.num_classes)
+    if hasattr(ds, "classes"):
+        return len(ds.classes)
+    return int(np.max(ds.labels)) + 1
+
+
+def _feature_cache_key(checkpoint: str, arch: str, data: str, size: int, train_samples: int = 0,
+                       val_samples: int = 0, seed: int = 0) -> dict:
     st = Path(checkpoint).stat()
-    return {"checkpoint": str(Path(checkpoint).resolve()), "size_bytes": st.st_size, "mtime": st.st_mtime,
-            "arch": arch, "data": str(data), "crop": size}
+    key = {"checkpoint": str(Path(checkpoint).resolve()), "size_bytes": st.st_size, "mtime": st.st_mtime,
+           "arch": arch, "data": str(data), "crop": size}
+    if train_samples or val_samples:  # (keys of full-set caches written before these flags stay valid)
+        key.update(train_samples=train_samples, val_samples=val_samples, subset_seed=seed)
+    return key
 
 
 # ============ main ============
 def main(argv: list[str] | None = None) -> dict:
     args = argparse.ArgumentParser("fastcl linear probe", parents=[get_args_parser()]).parse_args(argv)
+    for flag in ("train_samples", "val_samples", "epochs", "batch_size"):
+        if getattr(args, flag) < (1 if flag in ("epochs", "batch_size") else 0):
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {1 if flag in ('epochs', 'batch_size') else 0}, "
+                             f"got {getattr(args, flag)}")
     print(json.dumps(vars(args), indent=1), flush=True)
     torch.manual_seed(args.seed)
     if args.device == "auto":
@@ -335,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ============ features / data ============
     train_tf, eval_tf = build_transforms(args.data, size)
     loader_kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
-    key = _feature_cache_key(args.checkpoint, arch, args.data, size)
+    key = _feature_cache_key(args.checkpoint, arch, args.data, size, args.train_samples, args.val_samples, args.seed)
     key["feature_dim"] = dim  # (ViT: depends on --n-last-blocks / --avgpool-patchtokens)
     args.cache_features |= args.feature_cache is not None
     cache = Path(args.feature_cache) if args.feature_cache else None
@@ -349,12 +380,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"features from {cache}", flush=True)
     else:
         t0 = time.perf_counter()
-        val_loader = torch.utils.data.DataLoader(build_dataset(args.data, "val", eval_tf), shuffle=False, **loader_kw)
-        val_f, val_y = extract_features(backbone, val_loader, device, amp)
+        val_ds = subset(build_dataset(args.data, "val", eval_tf), args.val_samples, args.seed)
+        val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_kw)
+        val_f, val_y = extract_features(backbone, val_loader, device, amp, progress="linear: val features")
         if args.cache_features:
-            loader = torch.utils.data.DataLoader(build_dataset(args.data, "train", eval_tf), shuffle=False,
-                                                 **loader_kw)
-            train_f, train_y = extract_features(backbone, loader, device, amp)
+            train_ds = subset(build_dataset(args.data, "train", eval_tf), args.train_samples, args.seed)
+            loader = torch.utils.data.DataLoader(train_ds, shuffle=False, **loader_kw)
+            train_f, train_y = extract_features(backbone, loader, device, amp, progress="linear: train features")
             if cache is not None:
                 from ..engine.checkpoint import save_atomic
 
@@ -365,12 +397,12 @@ def main(argv: list[str] | None = None) -> dict:
         batches = cached_batches(train_f, train_y, args.batch_size, args.seed)
         steps, num_classes = -(-len(train_f) // args.batch_size), int(max(train_y.max(), val_y.max())) + 1
     else:
-        train_ds = build_dataset(args.data, "train", train_tf)
+        train_ds = subset(build_dataset(args.data, "train", train_tf), args.train_samples, args.seed)
         g = torch.Generator().manual_seed(args.seed)
         loader = torch.utils.data.DataLoader(train_ds, shuffle=True, drop_last=True, generator=g,
                                              persistent_workers=args.workers > 0, **loader_kw)
         batches, steps = image_batches(backbone, loader, device, amp), len(loader)
-        num_classes = len(train_ds.classes) if hasattr(train_ds, "classes") else int(np.max(train_ds.labels)) + 1
+        num_classes = _num_classes(train_ds)
 
     # ============ linear training ============
     result = train_linear(batches, steps, val_f, val_y, dim, num_classes, lrs, args.epochs, args.batch_size,

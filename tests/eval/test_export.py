@@ -166,3 +166,28 @@ def test_arch_checks():
         export_backbone({"backbone": sd, "arch": "resnet18"}, fmt="timm")
     with pytest.raises(ValueError, match="do not match torchvision"):  # wrong-width keys caught by verify
         export_backbone({"backbone": {**sd, "extra.weight": torch.zeros(1)}, "arch": "resnet18"})
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "export"])
+def test_load_backbone_rebuilds_the_cifar_stem(tmp_path, source):
+    """fastcl.models.load_backbone: the default CIFAR run's ResNet-18 (3x3 stem, no max-pool) comes back as
+    that module from the training checkpoint or its export, the same function as the trained backbone."""
+    from fastcl.models import load_backbone
+
+    torch.manual_seed(0)
+    method = ToyMethod(perturb_bn(resnet_backbone("resnet18_cifar")), 512)
+    ckpt = tmp_path / "checkpoint.pth"
+    torch.save({"model": method.state_dict(), "args": {"arch": "resnet18_cifar"}}, ckpt)
+    path = ckpt
+    if source == "export":
+        path = tmp_path / "resnet18_cifar.pth"
+        main(["--checkpoint", str(ckpt), "--out", str(path)])
+    net = load_backbone(path)
+    assert net.conv1.kernel_size == (3, 3) and isinstance(net.maxpool, nn.Identity) and not net.training
+    assert net.fastcl_arch == "resnet18_cifar"
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(net(x), method.backbone.eval()(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="resnet50 asked"):
+        load_backbone(path, arch="resnet50")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_backbone(tmp_path / "nope.pth")

@@ -82,19 +82,25 @@ def test_bad_checkpoint_names_the_file(tmp_path):
         load_backbone(bad)
 
 
-def test_command_on_tiny_imagefolder(tmp_path):
-    """--cache-features end to end on a 2-class ImageFolder (red vs blue squares), then the feature cache."""
+def colour_folder(root):
+    """A 2-class ImageFolder (red vs blue squares): 8 train and 4 val images per class."""
     Image = pytest.importorskip("PIL.Image")
     pytest.importorskip("fastcl.data.imagefolder")
     rng = np.random.default_rng(0)
     for split, n in (("train", 8), ("val", 4)):
         for c, colour in enumerate(("red", "blue")):
-            d = tmp_path / "data" / split / colour
+            d = root / split / colour
             d.mkdir(parents=True)
             for i in range(n):
                 img = rng.integers(0, 60, (20, 20, 3), dtype=np.uint8)
                 img[..., 0 if c == 0 else 2] += 180
                 Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def test_command_on_tiny_imagefolder(tmp_path):
+    """--cache-features end to end on a 2-class ImageFolder (red vs blue squares), then the feature cache."""
+    colour_folder(tmp_path / "data")
     ckpt = tmp_path / "backbone.pth"
     torch.save({"backbone": r18_backbone().state_dict(), "arch": "resnet18"}, ckpt)
     out, cache = tmp_path / "linear.json", tmp_path / "feats.pt"
@@ -140,3 +146,32 @@ def test_vit_features_follow_dinos_eval_linear(tmp_path):
     assert isinstance(net, ViTLinearFeatures) and dim == 4 * 192  # DINO's default for the small ViTs
     net, _, dim = load_backbone(tmp_path / "v.pth", n_last_blocks=1, avgpool_patchtokens=False)
     assert dim == 192 and not isinstance(net, ViTLinearFeatures)
+
+
+def test_train_and_val_subsets(tmp_path, capsys):
+    """--train-samples / --val-samples: fixed random subsets of the asked size (the same on a rerun), a
+    progress bar per extraction, and a feature cache keyed by the subset."""
+    colour_folder(tmp_path / "data")
+    ckpt = tmp_path / "backbone.pth"
+    torch.save({"backbone": r18_backbone().state_dict(), "arch": "resnet18"}, ckpt)
+    from fastcl.eval.linear import build_dataset, subset
+
+    full = build_dataset(str(tmp_path / "data"), "train", None)
+    a, b = subset(full, 6, seed=3), subset(full, 6, seed=3)
+    assert len(a) == 6 and list(a.indices) == list(b.indices) and a.num_classes == 2
+    assert list(subset(full, 6, seed=4).indices) != list(a.indices) or len(full) < 8
+    assert subset(full, 0, 0) is full and subset(full, 100, 0) is full
+    argv = ["--checkpoint", str(ckpt), "--data", str(tmp_path / "data"), "--size", "16", "--epochs", "1",
+            "--batch-size", "4", "--lr", "1", "--workers", "0", "--device", "cpu", "--cache-features",
+            "--train-samples", "6", "--val-samples", "3", "--feature-cache", str(tmp_path / "f.pt"),
+            "--output", str(tmp_path / "o.json")]
+    main(argv)
+    stored = torch.load(tmp_path / "f.pt")
+    assert len(stored["train"][0]) == 6 and len(stored["val"][0]) == 3
+    assert stored["key"]["train_samples"] == 6 and stored["key"]["val_samples"] == 3
+    err = capsys.readouterr().err
+    assert "linear: val features" in err and "linear: train features" in err
+    with pytest.raises(ValueError, match="--feature-cache"):  # the same cache for another subset is refused
+        main([*argv[:argv.index("--train-samples") + 1], "5", *argv[argv.index("--train-samples") + 2:]])
+    with pytest.raises(ValueError, match="--train-samples must be >= 0"):
+        main([*argv, "--train-samples", "-1"])
