@@ -11,16 +11,17 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
-import torch
-
-from .data import build as data_build
 from .data.augment import AugmentSpec
-from .engine import DistInfo, TrainConfig, Trainer, init_distributed
+
+if TYPE_CHECKING:  # torch and the engine are imported where used: `recipe --help` answers without them
+    import torch
+
+    from .engine import DistInfo, TrainConfig
 
 
 def base_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,8 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default=None, choices=["sgd", "lars", "adamw"])
     g.add_argument("--momentum", type=float, default=0.9, help="SGD/LARS momentum (default: 0.9)")
     g.add_argument("--wd", type=float, default=None, help="weight decay")
-    g.add_argument("--wd-end", type=float, default=None, help="final weight decay of a cosine schedule")
+    g.add_argument("--wd-end", type=float, default=None,
+                   help="final weight decay of a cosine schedule (default: none, --wd throughout)")
     g.add_argument("--clip-grad", type=float, default=None, help="max grad norm (0 = off)")
     g.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2],
                    help="DeepSpeed ZeRO under torchrun (default: 0 = off, plain DDP): 1 partitions the optimizer "
@@ -79,13 +81,54 @@ def base_parser() -> argparse.ArgumentParser:
                    help="torch.compile the method's forward and loss (auto: default on CUDA, none on CPU; "
                         "reduce-overhead adds CUDA graphs)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--no-channels-last", action="store_true")
+    g.add_argument("--no-channels-last", action="store_true",
+                   help="keep activations in NCHW (default: channels_last, the tensor-core layout)")
     g.add_argument("--seed", type=int, default=0)
     return p
 
 
+def _shown(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (tuple, list)):
+        return " ".join(_shown(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+# a hand-written "(default: ...)" (one level of nested parentheses) or a help that is only a default statement
+_DEFAULT_NOTE = re.compile(r"\s*\((?:default|defaults?):(?:[^()]|\([^()]*\))*\)|^default:.*$", re.S)
+
+
+def annotate_help(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
+    """Make ``--help`` state every default: a flag left at None takes its value from the preset, so its help
+    names each preset's value (from ``presets``, never hand-copied, so a recipe sharing another's parser --
+    dino_vits16 -- shows its own); any other flag shows its argparse default."""
+    if getattr(parser, "_fastcl_annotated", False):
+        return
+    for a in parser._actions:
+        if a.help == argparse.SUPPRESS or not a.option_strings or a.dest == "help":
+            continue
+        text = a.help or ""
+        values = [(name, p[a.dest]) for name, p in presets.items() if a.dest in p]
+        if a.default is None and values:
+            text = _DEFAULT_NOTE.sub("", text).strip()
+            shown = {_shown(v) for _, v in values}
+            if len(shown) == 1 and len(values) == len(presets):
+                note = f"default: {shown.pop()}"
+            else:
+                note = "; ".join(f"{name} preset: {_shown(v)}" for name, v in values)
+            text = f"{text} ({note})" if text else f"({note})"
+        elif a.default is not None and a.default is not False and not re.search(r"\bdefault:", text):
+            text = f"{text} (default: {_shown(a.default)})".strip()
+        a.help = text
+    parser._fastcl_annotated = True
+
+
 def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv=None) -> argparse.Namespace:
     """Parse, then fill every argument left at None from the chosen preset."""
+    annotate_help(parser, presets)
     args = parser.parse_args(argv)
     args.batch_size_given = args.batch_size is not None  # a preset's batch may be lowered on a CPU, a given one not
     args.min_lr_given = args.min_lr is not None  # (DINO/SwAV take theirs from the preset)
@@ -133,11 +176,15 @@ def check_args(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- data
 def dataset_stats(args) -> tuple[tuple, tuple]:
+    from .data import build as data_build
+
     return data_build.dataset_stats(args.data)
 
 
 def build_train_loader(args, spec: AugmentSpec, dist: DistInfo):
     """The training loader (views, labels, indices) for ``spec``, sharded over the ranks (fastcl.data.build)."""
+    from .data import build as data_build
+
     return data_build.build_train_loader(args.data, spec, args.data_backend, dist, batch_size=args.batch_size,
                                          workers=args.workers, seed=args.seed, train_samples=args.train_samples,
                                          channels_last=not args.no_channels_last)
@@ -147,12 +194,17 @@ def build_knn_loaders(args, dist: DistInfo, size: int):
     """(train, val) loaders with the eval transform, for the kNN monitor."""
     if args.no_knn:
         return None
+    from .data import build as data_build
+
     return data_build.build_knn_loaders(args.data, dist, size, knn_samples=args.knn_samples, workers=args.workers,
                                         backend=args.data_backend)
 
 
 # ---------------------------------------------------------------------------------------------- run
 def seed_everything(seed: int, rank: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
@@ -195,6 +247,8 @@ def cap_cpu_batch(args, dist: DistInfo) -> None:
 
 
 def train_config(args, recipe: str) -> TrainConfig:
+    from .engine import TrainConfig
+
     return TrainConfig(
         out_dir=args.out or str(Path("runs") / recipe), epochs=args.epochs, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr * args.batch_size / 256, min_lr=args.min_lr,
@@ -208,7 +262,10 @@ def train_config(args, recipe: str) -> TrainConfig:
 def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn.Module], spec: AugmentSpec,
         knn_size: int | None = None) -> dict:
     """Set up processes, data and the method, train, and export the backbone. Returns the final metrics."""
+    import torch
+
     from . import kernels
+    from .engine import Trainer, init_distributed
 
     kernels.set_backend(args.kernels)
     dist = init_distributed(args.device)
@@ -261,10 +318,13 @@ def resolved_line(args, cfg, loader, trainer) -> str:
 
 def main_guard(fn: Callable[[], object]) -> None:
     """Run a recipe's main; turn expected user errors into one clear line and a non-zero exit."""
-    from .engine import NonFiniteLossError
-
     try:
         fn()
-    except (NonFiniteLossError, ValueError, OSError) as e:  # (OSError: FileNotFoundError, permissions, full disk)
+    except (ValueError, OSError, RuntimeError) as e:  # (OSError: FileNotFoundError, permissions, full disk)
+        if isinstance(e, RuntimeError):  # of the RuntimeErrors only the non-finite loss is the user's (engine
+            from .engine import NonFiniteLossError  # imported here: --help must not pay for torch)
+
+            if not isinstance(e, NonFiniteLossError):
+                raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

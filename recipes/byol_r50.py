@@ -17,14 +17,11 @@ import dataclasses
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
 from fastcl import cli  # noqa: E402
 from fastcl.data import augment  # noqa: E402
-from fastcl.methods.byol import BYOL  # noqa: E402
-from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=1000, batch_size=4096, lr=0.2, warmup_epochs=10, optimizer="lars",
@@ -51,7 +48,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_method(args) -> BYOL:
+def build_method(args):
+    import torch
+    from fastcl.methods.byol import BYOL
+    from fastcl.models import build_backbone
+
     backbone, feat_dim = build_backbone(args.arch)
     method = BYOL(backbone, feat_dim, proj_hidden=args.proj_hidden, dim=args.dim, pred_hidden=args.pred_hidden,
                   tau=args.tau)

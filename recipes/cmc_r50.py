@@ -13,6 +13,7 @@ CIFAR-10 preset: half-width ResNet-18s with the 3x3 stem, crops 32px (scale 0.2-
 lr x0.1 at the same fractions of training, wd 5e-4, kNN on the concatenated features every 10 epochs.
 """
 import argparse
+import functools
 import os
 import sys
 
@@ -22,7 +23,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastcl import cli  # noqa: E402
 from fastcl.data import augment  # noqa: E402
-from fastcl.methods.cmc import CMC, half_width_resnet  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=400, batch_size=128, lr=0.06, warmup_epochs=0, optimizer="sgd",
@@ -62,29 +62,20 @@ def train_set_size(args) -> int:
     return len(ImageFolderDataset(os.path.join(args.data, "train")))
 
 
-class CMCStepLR(CMC):
-    """CMC whose own ``"lr"`` schedule (CMC's steps) replaces the engine's cosine."""
+def build_method(args):
+    from fastcl.methods.cmc import CMC, half_width_resnet
 
-    def __init__(self, *a, peak_lr: float | None = None, milestones=(), **kw):
-        super().__init__(*a, **kw)
-        self.peak_lr, self.milestones = peak_lr, tuple(milestones)
-
-    def schedules(self, epochs, steps_per_epoch):
-        s = super().schedules(epochs, steps_per_epoch)
-        if self.milestones:
-            s["lr"] = step_lr(self.peak_lr, epochs, steps_per_epoch, self.milestones)
-        return s
-
-
-def build_method(args) -> CMC:
     depth = int(args.arch.removeprefix("resnet"))
     cifar = args.crop_size <= 64
     enc_l, d = half_width_resnet(depth, 1, cifar_stem=cifar)
     enc_ab, _ = half_width_resnet(depth, 2, cifar_stem=cifar)
     mean, std = cli.dataset_stats(args)
-    return CMCStepLR(enc_l, enc_ab, d, train_set_size(args), mean, std, dim=args.feat_dim, K=args.nce_k,
-                     T=args.nce_t, bank_momentum=args.nce_m, peak_lr=args.lr * args.batch_size / 256,
-                     milestones=args.lr_decay_fracs)
+    method = CMC(enc_l, enc_ab, d, train_set_size(args), mean, std, dim=args.feat_dim, K=args.nce_k, T=args.nce_t,
+                 bank_momentum=args.nce_m)
+    if args.lr_decay_fracs:  # CMC's steps replace the engine's cosine
+        method.lr_schedule = functools.partial(step_lr, args.lr * args.batch_size / 256,
+                                               milestones=tuple(args.lr_decay_fracs))
+    return method
 
 
 def main(argv=None):

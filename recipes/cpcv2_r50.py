@@ -23,8 +23,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastcl import cli  # noqa: E402
 from fastcl.data import augment  # noqa: E402
-from fastcl.methods.cpc import CPC, bn_to_layernorm  # noqa: E402
-from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=200, batch_size=512, lr=2e-4, warmup_epochs=0, optimizer="adamw",
@@ -50,7 +48,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_method(args) -> CPC:
+def build_method(args):
+    from fastcl.methods.cpc import CPC, bn_to_layernorm
+    from fastcl.models import build_backbone
+
     encoder, feat_dim = build_backbone(args.arch)
     return CPC(bn_to_layernorm(encoder), feat_dim, patch=args.patch, stride=args.stride, hidden=args.context_dim,
                n_blocks=args.context_blocks, steps=args.steps, directions=args.directions)

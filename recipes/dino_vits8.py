@@ -24,9 +24,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastcl import cli  # noqa: E402
 from fastcl.data import augment  # noqa: E402
-from fastcl.methods.dino import DINO  # noqa: E402
-from fastcl.models import build_backbone  # noqa: E402
-from fastcl.models.backbones import is_vit  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="vit_small_patch8_224", patch_size=8, epochs=800, batch_size=1024, lr=0.0005,
@@ -66,8 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-last-layer", type=int, default=1,
                    help="epochs without updates of the last layer (default: 1)")
     g.add_argument("--clip-grad-param", type=float, default=None,
-                   help="per-parameter grad-norm clip as in DINO (default: 3.0; 0 = off). --clip-grad is the "
-                        "engine's global-norm clip (default: 0 here)")
+                   help="per-parameter grad-norm clip as in DINO, 0 = off; --clip-grad is the engine's global-norm "
+                        "clip, 0 in the presets")
     g = p.add_argument_group("multi-crop")
     g.add_argument("--global-crop-size", type=int, default=None, help="default: 224 (32 on CIFAR)")
     g.add_argument("--local-crop-size", type=int, default=None, help="default: 96 (16 on CIFAR)")
@@ -91,7 +88,11 @@ def build_spec(args) -> augment.AugmentSpec:
     return spec
 
 
-def build_method(args) -> DINO:
+def build_method(args):
+    from fastcl.methods.dino import DINO
+    from fastcl.models import build_backbone
+    from fastcl.models.backbones import is_vit
+
     kw = dict(img_size=args.global_crop_size, patch_size=args.patch_size) if is_vit(args.arch) else {}
     student, feat_dim = build_backbone(args.arch, drop_path_rate=args.drop_path, **kw)
     teacher, _ = build_backbone(args.arch, **kw)  # no drop-path in the teacher

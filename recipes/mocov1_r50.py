@@ -10,6 +10,7 @@ hue 0.4, grayscale 0.2, flip, no blur), SGD lr 0.03 x batch/256, momentum 0.9, w
 200 epochs, lr x0.1 at epochs 120 and 160 (``--lr-schedule step``; ``cos`` is MoCo v2's cosine).
 """
 import argparse
+import functools
 import os
 import sys
 
@@ -19,8 +20,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastcl import cli  # noqa: E402
 from fastcl.data import augment  # noqa: E402
-from fastcl.methods.moco import MoCo  # noqa: E402
-from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, warmup_epochs=0, optimizer="sgd",
@@ -40,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--moco-m", type=float, default=0.999, help="key-encoder momentum (default: 0.999)")
     g.add_argument("--moco-t", type=float, default=0.07, help="softmax temperature (default: 0.07)")
     g.add_argument("--bn-splits", type=int, default=None,
-                   help="split-BN sub-batches on a single device (shuffle-BN stand-in; default: 8; DDP shuffles instead)")
+                   help="split-BN sub-batches on a single device (shuffle-BN stand-in; DDP shuffles instead)")
     g.add_argument("--lr-schedule", default=None, choices=["step", "cos"],
                    help="step: x0.1 at 60%% and 80%% of training (epochs 120/160 of 200, the paper); "
                         "cos: the engine's cosine (default: step)")
@@ -54,26 +53,16 @@ def step_lr(peak: float, epochs: int, steps_per_epoch: int, milestones=(0.6, 0.8
     return peak * gamma ** np.searchsorted(np.asarray(milestones), e, side="right")
 
 
-class MoCoV1(MoCo):
-    """MoCo with a linear head and T=0.07; ``peak_lr`` set: the paper's step lr replaces the engine's cosine
-    (the engine lets a method's own ``"lr"`` schedule win)."""
+def build_method(args):
+    from fastcl.methods.moco import MoCo
+    from fastcl.models import build_backbone
 
-    def __init__(self, *a, peak_lr: float | None = None, **kw):
-        super().__init__(*a, **kw)
-        self.peak_lr = peak_lr
-
-    def schedules(self, epochs, steps_per_epoch):
-        s = super().schedules(epochs, steps_per_epoch)
-        if self.peak_lr is not None:
-            s["lr"] = step_lr(self.peak_lr, epochs, steps_per_epoch)
-        return s
-
-
-def build_method(args) -> MoCo:
     backbone, feat_dim = build_backbone(args.arch)
-    peak = args.lr * args.batch_size / 256 if args.lr_schedule == "step" else None
-    return MoCoV1(backbone, feat_dim, dim=args.dim, K=args.queue_size, m=args.moco_m, T=args.moco_t, mlp=False,
-                  bn_splits=args.bn_splits, peak_lr=peak)
+    method = MoCo(backbone, feat_dim, dim=args.dim, K=args.queue_size, m=args.moco_m, T=args.moco_t, mlp=False,
+                  bn_splits=args.bn_splits)  # MoCo v1: a linear head
+    if args.lr_schedule == "step":  # the paper's steps replace the engine's cosine
+        method.lr_schedule = functools.partial(step_lr, args.lr * args.batch_size / 256)
+    return method
 
 
 def main(argv=None):

@@ -15,8 +15,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastcl import cli  # noqa: E402
 from fastcl.data import augment  # noqa: E402
-from fastcl.methods.moco import MoCo  # noqa: E402
-from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, warmup_epochs=0, optimizer="sgd",
@@ -38,13 +36,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--moco-m", type=float, default=None, help="key-encoder momentum (default: 0.999; CIFAR 0.99)")
     g.add_argument("--moco-t", type=float, default=None, help="softmax temperature (default: 0.2; CIFAR 0.1)")
     g.add_argument("--bn-splits", type=int, default=None,
-                   help="split-BN sub-batches on a single device (shuffle-BN stand-in; default: 8; DDP shuffles instead)")
+                   help="split-BN sub-batches on a single device (shuffle-BN stand-in; DDP shuffles instead)")
     g.add_argument("--symmetric", action="store_true", help="symmetric loss (MoCo CIFAR demo option)")
     g.add_argument("--crop-size", type=int, default=None, help="view size (default: 224 / 32 on CIFAR-10)")
     return p
 
 
-def build_method(args) -> MoCo:
+def build_method(args):
+    from fastcl.methods.moco import MoCo
+    from fastcl.models import build_backbone
+
     backbone, feat_dim = build_backbone(args.arch)
     return MoCo(backbone, feat_dim, dim=args.dim, K=args.queue_size, m=args.moco_m, T=args.moco_t, mlp=True,
                 bn_splits=args.bn_splits, symmetric=args.symmetric)

@@ -20,8 +20,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastcl import cli  # noqa: E402
 from fastcl.data import augment  # noqa: E402
-from fastcl.methods.mocov3 import MoCoV3  # noqa: E402
-from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=300, batch_size=4096, lr=0.3, warmup_epochs=10, optimizer="lars",
@@ -45,7 +43,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_method(args) -> MoCoV3:
+def build_method(args):
+    from fastcl.methods.mocov3 import MoCoV3
+    from fastcl.models import build_backbone
+
     backbone, feat_dim = build_backbone(args.arch)
     return MoCoV3(backbone, feat_dim, dim=args.dim, mlp_dim=args.mlp_dim, proj_layers=args.proj_layers,
                   T=args.moco_t, m=args.moco_m, m_end=args.moco_m_end, decay_all=False)

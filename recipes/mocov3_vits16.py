@@ -22,8 +22,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastcl import cli  # noqa: E402
 from fastcl.data import augment  # noqa: E402
-from fastcl.methods.mocov3 import MoCoV3, vit_init_  # noqa: E402
-from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="vit_small_patch16_224", epochs=300, batch_size=4096, lr=1.5e-4, warmup_epochs=40,
@@ -50,7 +48,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_method(args) -> MoCoV3:
+def build_method(args):
+    from fastcl.methods.mocov3 import MoCoV3, vit_init_
+    from fastcl.models import build_backbone
+
     size = args.crop_size or (32 if args.data == "cifar10" else 224)
     backbone, feat_dim = build_backbone(args.arch, img_size=size, drop_path_rate=args.drop_path,
                                         patch_size=args.patch_size, num_heads=args.num_heads)

@@ -20,8 +20,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastcl import cli  # noqa: E402
 from fastcl.data import augment  # noqa: E402
-from fastcl.methods.simclr import SimCLR  # noqa: E402
-from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=100, batch_size=4096, lr=0.3, warmup_epochs=10, optimizer="lars",
@@ -44,7 +42,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_method(args) -> SimCLR:
+def build_method(args):
+    from fastcl.methods.simclr import SimCLR
+    from fastcl.models import build_backbone
+
     backbone, feat_dim = build_backbone(args.arch)
     return SimCLR(backbone, feat_dim, dim=args.dim, hidden_dim=args.hidden_dim or None, proj_layers=2,
                   T=args.temperature)

@@ -16,14 +16,11 @@ import argparse
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
 from fastcl import cli  # noqa: E402
 from fastcl.data import augment  # noqa: E402
-from fastcl.methods.simclr import SimCLR  # noqa: E402
-from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=800, batch_size=4096, lr=0.4, warmup_epochs=10, optimizer="lars",
@@ -49,7 +46,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_method(args) -> SimCLR:
+def build_method(args):
+    from fastcl.methods.simclr import SimCLR
+    from fastcl.models import build_backbone
+
     backbone, feat_dim = build_backbone(args.arch)
     return SimCLR(backbone, feat_dim, dim=args.dim, hidden_dim=args.hidden_dim or None,
                   proj_layers=args.proj_layers, T=args.temperature, queue_size=args.queue_size, m=args.moco_m)
@@ -69,6 +69,8 @@ def main(argv=None):
 
     result = cli.run(args, "simclrv2_r50", build, spec)
     if int(os.environ.get("RANK", "0")) == 0:  # the fine-tuning network: backbone + first projection layer
+        import torch
+
         out = args.out or os.path.join("runs", "simclrv2_r50")
         torch.save({"finetune_head": built["method"].finetune_head().state_dict(), "arch": args.arch},
                    os.path.join(out, "finetune_head.pth"))

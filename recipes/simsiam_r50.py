@@ -16,14 +16,11 @@ import argparse
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
 from fastcl import cli  # noqa: E402
 from fastcl.data import augment  # noqa: E402
-from fastcl.methods.simsiam import SimSiam  # noqa: E402
-from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=100, batch_size=512, lr=0.05, warmup_epochs=0, optimizer="sgd",
@@ -51,7 +48,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_method(args) -> SimSiam:
+def build_method(args):
+    import torch
+    from fastcl.methods.simsiam import SimSiam
+    from fastcl.models import build_backbone
+
     backbone, feat_dim = build_backbone(args.arch, zero_init_residual=True)
     method = SimSiam(backbone, feat_dim, dim=args.dim, proj_hidden=args.proj_hidden, pred_hidden=args.pred_hidden,
                      proj_layers=args.proj_layers, fix_pred_lr=not args.no_fix_pred_lr)

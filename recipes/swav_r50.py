@@ -20,14 +20,11 @@ import dataclasses
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
 from fastcl import cli  # noqa: E402
 from fastcl.data import augment  # noqa: E402
-from fastcl.methods.swav import SwAV  # noqa: E402
-from fastcl.models import build_backbone  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=800, batch_size=4096, lr=0.3, min_lr=0.0048, warmup_epochs=10,
@@ -66,7 +63,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_method(args) -> SwAV:
+def build_method(args):
+    import torch
+    from fastcl.methods.swav import SwAV
+    from fastcl.models import build_backbone
+
     backbone, feat_dim = build_backbone(args.arch)
     queue = args.queue_length - args.queue_length % args.batch_size  # whole batches (official)
     method = SwAV(backbone, feat_dim, hidden=args.hidden, dim=args.dim, n_prototypes=args.n_prototypes,

@@ -5,7 +5,7 @@ Runs the same under ``torchrun`` (NCCL on GPU, gloo on CPU) and as a single plai
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +29,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    if not use_cuda and device == "auto":
-        warnings.warn("no CUDA device found: training on the CPU (slow; use --preset cifar --max-steps N "
-                      "for a quick try)", stacklevel=2)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    if not use_cuda and device == "auto" and rank == 0:  # one plain line (a warnings.warn showed a path and source)
+        print("warning: no CUDA device found: training on the CPU (slow; use --preset cifar --max-steps N for a "
+              "quick try)", file=sys.stderr, flush=True)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         if not torch.cuda.is_available():

@@ -180,7 +180,9 @@ class Trainer:
         s = {"lr": cosine_schedule(c.lr, c.min_lr, c.epochs, spe, c.warmup_epochs),
              "wd": cosine_schedule(c.weight_decay, c.weight_decay if c.weight_decay_end is None
                                    else c.weight_decay_end, c.epochs, spe)}
-        own = self.method.schedules(c.epochs, spe)
+        own = dict(self.method.schedules(c.epochs, spe))
+        if self.method.lr_schedule is not None:
+            own["lr"] = np.asarray(self.method.lr_schedule(c.epochs, spe), dtype=np.float64)
         if "lr" in own and (c.warmup_epochs or c.min_lr) and self.dist.is_main:  # (step-lr recipes)
             print(f"warning: this method's own lr schedule replaces the cosine one: --warmup-epochs "
                   f"{c.warmup_epochs} and --min-lr {c.min_lr} have no effect", flush=True)

@@ -40,6 +40,9 @@ class Method(nn.Module):
     backbone: nn.Module
     needs_indices: bool = False  # True: the engine puts the batch's dataset indices in step.indices
     decay_bias_and_norm: bool = False  # True: weight decay on every parameter (the official code's plain SGD)
+    # a recipe's own lr, (epochs, steps_per_epoch) -> per-step array, replacing the engine's cosine (the step
+    # schedules of MoCo v1, InstDisc, InvaSpread and CMC); None: the engine's
+    lr_schedule = None
 
     def forward(self, views: list[torch.Tensor], step: Step) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -122,3 +122,65 @@ def test_device_resident_back_end_runs_a_recipe_end_to_end(tmp_path):
         cli.build_train_loader = real
     assert isinstance(built["loader"], DeviceLoader) and len(built["loader"]) == 16
     assert res["step"] == 2 and 0.0 <= res["top1"] <= 1.0
+
+
+_HELP_PROBE = r"""
+import contextlib, io, json, runpy, sys
+out = {}
+for path in sys.argv[1:]:
+    sys.argv = [path, "--help"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit:
+            pass
+    out[path] = buf.getvalue()
+print(json.dumps({"help": out, "torch_imported": "torch" in sys.modules}))
+"""
+
+
+def _help_blocks(text):
+    """{'--flag': 'its help on one line'} from argparse's --help output."""
+    blocks = {}
+    for part in text.split("\n  -")[1:]:
+        one = " ".join(("-" + part).split())
+        blocks[one.split()[0].rstrip(",")] = one
+    return blocks
+
+
+def test_help_is_fast_states_every_default_and_each_recipes_own_presets():
+    """--help parses before anything heavy is imported (torch took 3-40 s), and every flag states its default:
+    a flag filled from a preset names each preset's value, taken from that recipe's PRESETS (dino_vits16 shares
+    dino_vits8's parser and must show its own patch size, crop scales and norm_last_layer)."""
+    paths = [str(ROOT / "recipes" / f"{r}.py") for r in RECIPES]
+    res = subprocess.run([sys.executable, "-c", _HELP_PROBE, *paths], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    probe = json.loads(res.stdout)
+    assert probe["torch_imported"] is False
+    for name, path in zip(RECIPES, paths):
+        text = probe["help"][path]
+        blocks = _help_blocks(text)
+        recipe = load_recipe(name)
+        parser = recipe.get_args_parser() if hasattr(recipe, "get_args_parser") else recipe.dino.get_args_parser()
+        for a in parser._actions:
+            if not a.option_strings or a.dest == "help" or a.default is False:
+                continue
+            flag = max(a.option_strings, key=len) if a.option_strings[0].startswith("--no-") else a.option_strings[0]
+            block = next(b for k, b in blocks.items() if k in a.option_strings)
+            presets = [(p, v[a.dest]) for p, v in recipe.PRESETS.items() if a.dest in v]
+            if a.default is None and presets:
+                for p, v in presets:
+                    shown = cli._shown(v)
+                    assert f"{p} preset: {shown}" in block or f"default: {shown}" in block, (name, flag, block)
+            else:
+                assert "default" in block, (name, flag, block)
+    dino16 = _help_blocks(probe["help"][paths[RECIPES.index("dino_vits16")]])
+    assert "imagenet preset: 16; cifar preset: 8" in dino16["--patch-size"]
+    assert "imagenet preset: true; cifar preset: true" in dino16["--norm-last-layer"] or \
+        "default: true" in dino16["--norm-last-layer"]
+    dino8 = _help_blocks(probe["help"][paths[RECIPES.index("dino_vits8")]])
+    assert "imagenet preset: false; cifar preset: true" in dino8["--norm-last-layer"]
+    assert "imagenet preset: 0.4 1; cifar preset: 0.32 1" in dino8["--global-crops-scale"]
+    assert "default: 0.32 1" in dino16["--global-crops-scale"]  # its own: both presets 0.32-1

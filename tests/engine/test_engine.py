@@ -190,6 +190,18 @@ def _train(tmp, max_steps, log, method=None, loader=None, **kw):
     return t
 
 
+def test_a_methods_own_lr_schedule_replaces_the_cosine_and_drives_the_optimizer(tmp_path):
+    m = ToyMethod()
+    m.lr_schedule = lambda epochs, spe: np.where(np.arange(epochs * spe) < spe, 0.5, 0.05)  # a step at epoch 1
+    log = []
+    t = _train(tmp_path, 10, log, method=m)
+    spe = t.steps_per_epoch
+    np.testing.assert_array_equal(t.schedules["lr"], np.where(np.arange(3 * spe) < spe, 0.5, 0.05))
+    assert "momentum" in t.schedules  # the method's other schedules stay
+    assert [r["lr"] for r in log if "lr" in r] == [0.5] * spe + [0.05] * (10 - spe)
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
 def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     torch.manual_seed(0)
     full = []

@@ -50,7 +50,7 @@ def test_loss_matches_paper_formula_float64(n, K, B):
     Z = n * float(torch.stack([torch.exp(mem[sample[i]] @ f[i] / 0.07) for i in range(B)]).mean())
     assert float(m.Z) == pytest.approx(Z, rel=1e-5)  # Z = n * mean(exp(v.f/T)) over the first batch
     ref = nce_literal([mem[sample[i]] for i in range(B)], f, n, 0.07, Z, 30.0)
-    assert float(out["loss"]) == pytest.approx(ref, rel=1e-4)  # fp32 model vs float64 transcription
+    assert out["loss"].item() == pytest.approx(ref, rel=1e-4)  # fp32 model vs float64 transcription
     s = torch.randn(B, K + 1, dtype=torch.float64) * 5
     lit = nce_literal([torch.eye(K + 1, dtype=torch.float64)] * B, [r * 1.0 for r in s * 0.07], n, 0.07, 3.0, 0)
     assert float(nce_loss(s, torch.tensor(3.0, dtype=torch.float64), n)) == pytest.approx(lit, rel=1e-9)

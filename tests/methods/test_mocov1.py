@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastcl.methods.base import Step
+from fastcl.methods.moco import MoCo
 from recipe_loader import load_recipe
 
 recipe = load_recipe("mocov1_r50")
@@ -23,7 +24,7 @@ def log_losses(out_dir):
 def tiny_moco(K=32, dim=8):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.ReLU())  # no BN: shuffling is a no-op
-    return recipe.MoCoV1(net, 16, dim=dim, K=K, m=0.999, T=0.07, mlp=False, bn_splits=1)
+    return MoCo(net, 16, dim=dim, K=K, m=0.999, T=0.07, mlp=False, bn_splits=1)  # MoCo v1: linear head
 
 
 def step(m=0.999, lr=0.1):
@@ -84,7 +85,7 @@ def test_step_lr_schedule_is_the_papers():
         ("resnet50", 65536, 0.07, 0.999, 0.03, 1e-4, 200)
     args.arch = "resnet18_cifar"
     m = recipe.build_method(args)
-    np.testing.assert_allclose(m.schedules(200, 10)["lr"], s)
+    np.testing.assert_allclose(m.lr_schedule(200, 10), s)
 
 
 @pytest.mark.slow
