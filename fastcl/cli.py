@@ -13,6 +13,7 @@ import os
 import random
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -317,9 +318,21 @@ def resolved_line(args, cfg, loader, trainer) -> str:
 
 
 def main_guard(fn: Callable[[], object]) -> None:
-    """Run a recipe's main; turn expected user errors into one clear line and a non-zero exit."""
+    """Run a recipe's main; turn expected user errors into one clear line and a non-zero exit, and a stop by
+    SIGTERM (torchrun, a scheduler) or Ctrl-C into one line too (was: a long traceback, e.g. during kNN)."""
+    import signal
+
+    def _terminated(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         fn()
+    except KeyboardInterrupt as e:
+        print(f"stopped by {e.args[0] if e.args else 'SIGINT'}: what was written is kept (the same command resumes "
+              "from the last checkpoint in --out, if one was written)", file=sys.stderr, flush=True)
+        sys.exit(130 if not e.args else 128 + signal.Signals[e.args[0]].value)
     except (ValueError, OSError, RuntimeError) as e:  # (OSError: FileNotFoundError, permissions, full disk)
         if isinstance(e, RuntimeError):  # of the RuntimeErrors only the non-finite loss is the user's (engine
             from .engine import NonFiniteLossError  # imported here: --help must not pay for torch)

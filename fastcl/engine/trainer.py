@@ -376,6 +376,7 @@ class Trainer:
         cfg = self.cfg
         end_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         bar = Progress(end_step, self.step, enabled=self.dist.is_main)
+        first_step = self.step + 1  # the bar shows the loss from here on (one read, not a log record)
         tput = Throughput()
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         # the step number on the device, counted there: a torch.tensor(step, device=cuda) per step would be a
@@ -435,6 +436,8 @@ class Trainer:
                         self.log_fn(rec)
                     bar.update(1, loss=f"{rec['loss']:.4f}", lr=f"{info['lr']:.3g}",
                                img_s=f"{rec['img_per_s']:.0f}")
+                elif self.step == first_step and self.dist.is_main:  # one sync, once (was: no loss shown till step 10)
+                    bar.update(1, loss=f"{float(loss.detach()):.4f}", lr=f"{info['lr']:.3g}")
                 else:  # the count and ETA move every step (slow CPU steps); loss etc. need a sync: log steps only
                     bar.update(1)
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 \

@@ -150,3 +150,34 @@ def test_cpu_caps_the_knn_bank_unless_given_and_the_banner_shows_resolved_values
     assert "resolved: data back end torchvision (0 workers), amp off, kernels torch, compile none, device cpu" in printed
     assert "lr 0.001875 (= 0.03 x 16/256)" in printed
     assert "batch_size_given" not in printed and "min_lr_given" not in printed
+
+
+def test_sigterm_stops_a_run_in_one_line_and_keeps_the_checkpoint(tmp_path):
+    """A scheduler's or torchrun's SIGTERM mid-run: one 'stopped by SIGTERM' line, exit 143, no traceback, and
+    the checkpoint written before it still resumes (was: a long traceback)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(root / "recipes" / "mocov2_r50.py"), "--train-samples", "64", "--batch-size", "16",
+           "--epochs", "500", "--no-knn", "--workers", "0", "--data-backend", "torch", "--device", "cpu",
+           "--crop-size", "16", "--ckpt-every", "2", "--log-every", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pth").exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        assert (out / "checkpoint.pth").exists(), p.communicate()[1] if p.poll() is not None else "no checkpoint"
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "stopped by SIGTERM" in err, err
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ckpt["position"]["step"] >= 2

@@ -416,6 +416,23 @@ def test_steady_state_step_has_no_host_sync(tmp_path):
     assert counter.count > 0  # the counter sees syncs: the final non-finite check and the checkpoint read one
 
 
+def test_the_bar_shows_the_loss_from_the_first_step(tmp_path, monkeypatch):
+    """The first step of a run reads its loss once for the progress bar (was: nothing until the first log step,
+    10 steps in by default); the steps after it read nothing until a log step."""
+    from fastcl.engine import logging as flog
+
+    shown = []
+    monkeypatch.setattr(flog.Progress, "update", lambda self, n=1, **postfix: shown.append(postfix))
+    log, every_step = [], []
+    torch.manual_seed(0)
+    _train(tmp_path / "a", 5, log, log_every=4, ckpt_every=0)
+    assert [sorted(p) for p in shown[:4]] == [["loss", "lr"], [], [], ["img_s", "loss", "lr"]]
+    torch.manual_seed(0)
+    _train(tmp_path / "b", 1, every_step, log_every=1, ckpt_every=0)  # the same first step, logged
+    assert shown[0]["loss"] == f"{every_step[0]['loss']:.4f}"
+    assert shown[3]["loss"] == f"{log[0]['loss']:.4f}" and log[0]["step"] == 4
+
+
 def test_non_finite_step_is_still_named_without_a_sync_per_step(tmp_path):
     with pytest.raises(NonFiniteLossError, match="step 7"):
         _train(tmp_path, 0, [], method=ToyMethod(nan_at_step=6), log_every=10**6, ckpt_every=0)
