@@ -2,8 +2,12 @@
 registers, spills and shared memory from ptxas. A development check for machines with no GPU:
 it catches what the interpreter cannot (tl.dot dtype/shape rules, shared-memory overflow, spills).
 
-    python -m fastcl.kernels.aot_check            # sm_90a (H100), fp32 + bf16
-    python -m fastcl.kernels.aot_check --arch 80 --dtypes bf16
+    python -m fastcl.kernels.aot_check            # sm_90a (H100/H200), fp32 + fp16 + bf16
+    python -m fastcl.kernels.aot_check --arch 80 --dtypes bf16 --widths 128
+
+InfoNCE is compiled at every feature width in ``--widths`` (in-batch loss, forward + dq + dk). The
+last line counts compiled and failed launches and those that spill registers (named above it); the
+exit status is 1 if any launch failed or spilled.
 
 The host functions run on CPU tensors as usual; ``JITFunction.run`` is replaced so each distinct
 launch is compiled (not executed) for the target. Outputs of "launched" kernels are garbage, which
@@ -79,7 +83,9 @@ def _install(target, arch, results):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="90a", help="CUDA arch for ptxas, e.g. 90a (H100), 80 (A100) (default: 90a)")
-    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,fp16,bf16 (default: fp32,bf16)")
+    ap.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma list of fp32,fp16,bf16 (default: all three)")
+    ap.add_argument("--widths", default="64,128,256,512,1024",
+                    help="InfoNCE feature widths C to compile (default: 64,128,256,512,1024)")
     ap.add_argument("--sms", type=int, default=132, help="SM count assumed by the split heuristics (default: 132)")
     args = ap.parse_args(argv)
     cap = int(re.match(r"\d+", args.arch).group())
@@ -98,10 +104,12 @@ def main(argv=None):
         q = torch.randn(256, 128, dtype=dt, requires_grad=True)
         k = torch.randn(256, 128, dtype=dt, requires_grad=True)
         K.moco_infonce(q, k, torch.randn(65536, 128, dtype=dt), 0.2).backward()
-        q = torch.randn(4096, 256, dtype=dt, requires_grad=True)
-        k = torch.randn(4096, 256, dtype=dt, requires_grad=True)
-        K.inbatch_infonce(q, k, 0.2).backward()
-        K.ntxent(q[:64], k[:64], 0.2).backward()
+        for c in (int(w) for w in args.widths.split(",")):
+            q = torch.randn(4096, c, dtype=dt, requires_grad=True)
+            k = torch.randn(4096, c, dtype=dt, requires_grad=True)
+            K.inbatch_infonce(q, k, 0.2).backward()
+        q = torch.randn(64, 128, dtype=dt, requires_grad=True)
+        K.ntxent(q, torch.randn(64, 128, dtype=dt, requires_grad=True), 0.2).backward()
         s = torch.randn(12 * 64, 65536, dtype=dt, requires_grad=True)
         loss, _ = K.dino_loss(s, torch.randn(2 * 64, 65536, dtype=dt), torch.zeros(1, 65536), 0.1, 0.04)
         loss.backward()
@@ -110,8 +118,11 @@ def main(argv=None):
                                torch.randn(256, 128, dtype=dt))
         K.sinkhorn(torch.randn(256, 3000, dtype=dt))
     failed = [r for r in results.values() if r.startswith("FAIL")]
-    print(f"compiled {len(results) - len(failed)}, failed {len(failed)}")
-    return 1 if failed else 0
+    spills = [r for r in results.values() if re.search(r"\b[1-9]\d* bytes spill stores", r)]
+    for r in spills:
+        print("SPILL", r[5:])
+    print(f"compiled {len(results) - len(failed)}, failed {len(failed)}, spilling {len(spills)}")
+    return 1 if failed or spills else 0
 
 
 if __name__ == "__main__":

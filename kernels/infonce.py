@@ -22,8 +22,10 @@ Precision: tiles are multiplied in the input dtype with fp32 accumulation (fp32 
 ``tf32x3``, ~fp32 accurate); softmax statistics, norms and the partial gradients are fp32; the
 probability tile fed to the backward dot is rounded to the input dtype, as in FlashAttention.
 Queries and keys may differ in dtype (bf16 queries vs an fp32 queue): key tiles are cast to the
-query dtype in registers. Feature widths C <= 1024 run in Triton (a whole row per tile); wider
-ones fall back to the torch reference.
+query dtype in registers. Feature widths C <= 1024 (16-bit queries) or C <= 256 (fp32 queries) run
+in Triton (a whole row per tile); wider ones fall back to the torch reference: an fp32 row of 512
+under tf32x3 spills 3-12 KB of registers per thread on sm_90a whatever the tile (aot_check), and
+training runs its loss in bf16 under autocast anyway.
 
 Parallelism: the forward and dq kernels split the keys into chunks when there are too few query
 row blocks to fill the GPU (MoCo: N=256 queries vs 65536 keys), writing fp32 partials that a small
@@ -51,6 +53,7 @@ LOG2E = 1.4426950408889634  # 1/ln(2): the kernels work in base 2 (exp2 is the n
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 NORM_EPS = 1e-12  # as F.normalize: x / max(‖x‖, eps)
 MAX_C = 1024  # a whole feature row lives in one tile; wider features fall back to torch
+MAX_C_FP32 = 256  # fp32 (tf32x3) rows wider than this spill kilobytes per thread: torch reference instead
 NEG_INIT: tl.constexpr = tl.constexpr(-1.0e30)  # finite running-max init: a fully masked tile gives exp2(-inf - m) = 0, not NaN
 PARTIAL_BYTES_CAP = 32 << 20  # cap on the fp32 split partials of dq / dk
 
@@ -394,24 +397,43 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _triton_supported(q, keys):
-    return q.shape[1] <= MAX_C and q.dtype in _DTYPES and keys.dtype in _DTYPES
+    max_c = MAX_C_FP32 if q.dtype == torch.float32 else MAX_C
+    return q.shape[1] <= max_c and q.dtype in _DTYPES and keys.dtype in _DTYPES
 
 
-def _settings(C, dtype, device):
+def _settings(C, dtype, device, kernel):
+    """Tile shape per kernel ("fwd", "dq", "dk"), picked so that none spills registers on sm_90a
+    (ptxas 12.x, checked by ``python -m fastcl.kernels.aot_check``). Each launch computes its own
+    key/query splits from its own tiles, so the three kernels need not share a shape. The rows carry
+    a whole feature row per tile: wide rows leave few registers for the accumulators, hence the small
+    tiles at C >= 512 (16-bit) and C = 256 (fp32's tf32x3 holds three operand splits). Two launches
+    still spill a little, the least of every tile tried (BLOCK_M/N 16-128, 4/8 warps, 1/2 stages):
+    fp32 dq at C = 256 (20 B per thread) and fp16 dk at C = 1024 (36 B). Chosen by ptxas's counts,
+    not yet timed on a GPU."""
     block_c = max(16, next_power_of_2(C))
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_C=block_c, num_warps=1, num_stages=1)
-    if block_c >= 512:
-        bm, bn, nw = 32, 32, 8
-    elif block_c >= 256:
-        bm, bn, nw = 64, 64, 8
-    else:
-        bm, bn, nw = 128, 64, 4 if dtype == torch.float32 else 8
-    stages = 2
-    if dtype == torch.float32:  # 4-byte tiles (and tf32x3's split operands): stay under 228 KB smem
-        bm, bn, stages = min(bm, 64), min(bn, 32), 1
+    if dtype == torch.float32:  # 4-byte tiles: stay under 228 KB smem, one stage
         if block_c >= 256:
-            bm = 32
+            bm, bn, nw = {"fwd": (64, 32, 8), "dq": (16, 16, 8), "dk": (16, 16, 8)}[kernel]
+        elif block_c >= 128:
+            bm, bn, nw = {"fwd": (64, 32, 4), "dq": (16, 64, 8), "dk": (64, 16, 8)}[kernel]
+        else:
+            bm, bn, nw = 64, 32, 4
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=block_c, num_warps=nw, num_stages=1)
+    fp16 = dtype == torch.float16  # fp16's backward scales the dS tile: one more live tile than bf16
+    if block_c >= 512:
+        bm, bn, nw, stages = {"fwd": (32, 32, 8, 2), "dq": (16, 16, 8, 1),
+                              "dk": (16, 16, 8, 1) if fp16 else (32, 16, 8, 1)}[kernel]
+    elif block_c >= 256:
+        bm, bn, nw, stages = {"fwd": (64, 64, 8, 2), "dq": (32, 64, 8, 1) if fp16 else (64, 64, 8, 1),
+                              "dk": (32, 64, 8, 1)}[kernel]
+    elif block_c >= 128:
+        bm, bn, nw, stages = {"fwd": (128, 64, 8, 2), "dq": (64, 64, 8, 1), "dk": (64, 64, 8, 1)}[kernel]
+    elif fp16 and kernel == "dk":
+        bm, bn, nw, stages = 64, 64, 8, 2
+    else:
+        bm, bn, nw, stages = 128, 64, 8, 2
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=block_c, num_warps=nw, num_stages=stages)
 
 
@@ -446,7 +468,7 @@ def _inv_norms(x):
 def infonce_forward(q, keys, pos_keys, pos_index, self_index, temperature, norm_q, norm_k, norm_p):
     N, C = q.shape
     M = keys.shape[0]
-    cfg = _settings(C, q.dtype, q.device)
+    cfg = _settings(C, q.dtype, q.device, "fwd")
     BM, BN, BC = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_C"]
     # the interpreter's bf16 tl.dot is wrong: run the dots in fp32 there
     upcast = torch.bfloat16 in (q.dtype, keys.dtype) and interpreting()
@@ -481,8 +503,7 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
                      norm_q, norm_k, norm_p, need_dq, need_dk, need_dp):
     N, C = q.shape
     M = keys.shape[0]
-    cfg = _settings(C, q.dtype, q.device)
-    BM, BN, BC = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_C"]
+    BC = max(16, next_power_of_2(C))
     upcast = torch.bfloat16 in (q.dtype, keys.dtype) and interpreting()
     fp32 = q.dtype == torch.float32 and not interpreting()
     scale_tile = q.dtype == torch.float16
@@ -495,6 +516,8 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
     if need_dq or need_dp:
         n_split, part = 0, q
         if need_dq:
+            cfg = _settings(C, q.dtype, q.device, "dq")
+            BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
             n_rb = cdiv(N, BM)
             n_split, per = _split(n_rb, M, BN, N * C * 4, q.device)
             part = torch.empty(n_split, N, C, dtype=torch.float32, device=q.device)
@@ -514,6 +537,8 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
             NORM_X=norm_q, NORM_Y=norm_p, BLOCK_M=fin_bm, BLOCK_C=BC, num_warps=1 if interpreting() else 8)
         del part
     if need_dk:
+        cfg = _settings(C, q.dtype, q.device, "dk")
+        BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
         rq = _inv_norms(q) if norm_q else q
         n_kb = cdiv(M, BN)
         n_split, per = _split(n_kb, N, BM, M * C * 4, q.device)

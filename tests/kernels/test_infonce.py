@@ -200,6 +200,26 @@ def test_backends_agree():
     assert_verbose_allclose(a, b, 1e-5, 1e-6, "backends")
 
 
+@pytest.mark.parametrize("dtype,C,fused", [(torch.float32, 256, True), (torch.float32, 257, False),
+                                           (torch.float32, 512, False), (torch.float16, 512, True),
+                                           (torch.float16, 1025, False)])
+def test_width_limits_choose_triton_or_the_reference(dtype, C, fused):
+    """fp32 rows wider than 256 spill kilobytes of registers in every tile shape (aot_check): they take the
+    torch reference, 16-bit rows up to 1024 stay fused; either way the loss is the float64 formula's."""
+    old = K.get_backend()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(6, C, generator=g).to(DEV, dtype).requires_grad_()
+    k = torch.randn(6, C, generator=g).to(DEV, dtype)
+    try:
+        K.set_backend("triton")
+        per_row = K.contrastive_lse(q, k, 0.2, pos_index=torch.arange(6, device=DEV))
+    finally:
+        K.set_backend(old)
+    assert ("fastcl_contrastive_lse" in type(per_row.grad_fn).__name__) == fused
+    assert_verbose_allclose(per_row.mean(), ref_inbatch(q, k, 0.2), 2e-2 if dtype == torch.float16 else 1e-5, 1e-4,
+                            "loss")
+
+
 def _train(backend_name, steps=8):
     """A tiny MoCo-style run: linear encoder, fixed queue, SGD; returns the loss trajectory."""
     old = K.get_backend()
