@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .export import backbone_state_dict, check_public_backbone, load_into_reference, model_kwargs_of, read_checkpoint
+from ..models.load import load_backbone as load_public_backbone
 from .knn import extract_features
 
 __all__ = ["LinearHeads", "ViTLinearFeatures", "default_lrs", "load_backbone", "train_linear", "cached_batches", "get_args_parser"]
@@ -157,15 +157,8 @@ def load_backbone(checkpoint: str | Path, arch: str | None = None, n_last_blocks
     """``(frozen backbone in eval mode, arch, feature dim)`` from any checkpoint export reads. ViTs come
     wrapped in ``ViTLinearFeatures`` (DINO's defaults unless given); ``n_last_blocks=1`` with no average
     gives the plain model."""
-    ckpt = read_checkpoint(checkpoint)
-    check_public_backbone(ckpt, str(checkpoint))
-    sd, found = backbone_state_dict(ckpt, str(checkpoint))
-    if arch and found and arch != found:
-        raise ValueError(f"{checkpoint}: --arch {arch} but the checkpoint was trained with {found}")
-    arch = arch or found
-    if not arch:
-        raise ValueError(f"{checkpoint}: no arch recorded in the checkpoint; pass --arch")
-    net = load_into_reference(sd, arch, **model_kwargs_of(ckpt)).eval().requires_grad_(False)
+    net = load_public_backbone(checkpoint, arch).requires_grad_(False)
+    arch = net.fastcl_arch
     if hasattr(net, "blocks") and hasattr(net, "embed_dim"):  # a timm ViT
         n, avg = vit_probe_defaults(net)
         n = n if n_last_blocks is None else n_last_blocks

@@ -30,10 +30,10 @@ def load_backbone(path: str | Path, arch: str | None = None) -> nn.Module:
     check_public_backbone(ckpt, str(path))
     sd, found = backbone_state_dict(ckpt, str(path))
     if arch and found and arch != found:
-        raise ValueError(f"{path}: arch {arch} asked but the file holds {found}")
+        raise ValueError(f"{path}: arch {arch} (--arch) given but the checkpoint was trained with {found}")
     arch = arch or found
     if not arch:
-        raise ValueError(f"{path}: no architecture recorded; pass arch= (e.g. 'resnet50')")
+        raise ValueError(f"{path}: no architecture recorded in the file; pass --arch (arch=, e.g. 'resnet50')")
     net = load_into_reference(sd, arch, **model_kwargs_of(ckpt))
     net.fastcl_arch = arch
     return net.eval()
