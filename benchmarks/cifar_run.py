@@ -35,11 +35,12 @@ sys.path.insert(0, str(ROOT))
 # lightly's CIFAR-10 benchmark (ResNet-18, batch 512, 200 epochs, kNN k=200): the anchors to compare with
 LIGHTLY_200EP = {"mocov2_r50": ("MoCo", 0.847), "simclr_r50": ("SimCLR", 0.848), "byol_r50": ("BYOL", 0.868),
                  "simsiam_r50": ("SimSiam", 0.764), "swav_r50": ("SwAV", 0.842), "dino_vits8": ("DINO", 0.813)}
-CIFAR_TRAIN, BATCH = 50_000, 512
+CIFAR_TRAIN = 50_000
 
 
-def _spec(recipe: str):
-    """The recipe's augmentation spec for its cifar preset (as its main builds it), without running it."""
+def _spec(recipe: str, argv=()):
+    """The recipe's augmentation spec and arguments for ``argv`` (e.g. a --preset; as its main builds them),
+    without running it."""
     import importlib.util
 
     from fastcl import cli
@@ -50,19 +51,20 @@ def _spec(recipe: str):
     real_run = cli.run
     cli.run = lambda args, name, build, spec, knn_size=None: seen.update(spec=spec, args=args)
     try:
-        mod.main([])
+        mod.main(list(argv))
     finally:
         cli.run = real_run
     return seen["spec"], seen["args"]
 
 
-def augment_seconds_per_batch(recipe: str, workers: int, seconds: float = 4.0) -> tuple[float, str]:
+def augment_seconds_per_batch(recipe: str, workers: int, seconds: float = 4.0, argv=()) -> tuple[float, str]:
     """Seconds to produce one batch of ``recipe``'s views on the path its run will take, on random uint8 images
     (the same cost as the real ones): the device back end on CUDA, else the torchvision pipeline on ``workers``."""
     import numpy as np
     import torch
 
-    spec, _ = _spec(recipe)
+    spec, a = _spec(recipe, argv)
+    BATCH = a.batch_size
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (8 * BATCH, 32, 32, 3), dtype=np.uint8)
     labels = np.zeros(len(images), np.int64)
@@ -108,10 +110,10 @@ def step_seconds(path: str | None, default: float) -> tuple[float, str]:
 
 
 def plan_epochs(budget: float, step_s: float, aug_s: float, serial: bool, knn_s: float,
-                startup_s: float) -> tuple[int, int]:
+                startup_s: float, batch: int = 512) -> tuple[int, int]:
     """(epochs, knn_every) whose run fits ``budget``. On the device back end augmentation and step share the GPU
     (their times add); a CPU pipeline overlaps with the step (the slower one sets the pace)."""
-    steps = CIFAR_TRAIN // BATCH
+    steps = CIFAR_TRAIN // batch
     per_step = step_s * 1.1 + aug_s if serial else max(step_s * 1.1, aug_s)
     epoch_s = steps * per_step + 1.5  # + the epoch-end checkpoint
     for epochs in range(200, 0, -1):
@@ -173,14 +175,15 @@ def run_recipe(recipe: str, args, out: Path) -> dict:
 
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    aug_s, aug_how = augment_seconds_per_batch(recipe, args.workers)
+    aug_s, aug_how = augment_seconds_per_batch(recipe, args.workers, argv=args.recipe_args)
+    batch = _spec(recipe, args.recipe_args)[1].batch_size
     step_s, step_src = step_seconds(args.step_json, args.step_ms / 1e3)
     serial = aug_how == "device"
     startup_s = (60.0 if torch.cuda.is_available() else 25.0) + (time.time() - t_start)  # (+ compilation on CUDA)
     if args.epochs:
         epochs, every = args.epochs, max(1, args.epochs // 6)
     else:
-        epochs, every = plan_epochs(args.budget, step_s, aug_s, serial, args.knn_s, startup_s)
+        epochs, every = plan_epochs(args.budget, step_s, aug_s, serial, args.knn_s, startup_s, batch)
     share = aug_s / (aug_s + step_s) if serial else None
     meta = {"recipe": recipe, "epochs": epochs, "knn_every": every, "budget_s": args.budget, "workers": args.workers,
             "augment": aug_how, "augment_ms_per_batch": aug_s * 1e3, "augment_share_of_step": share,

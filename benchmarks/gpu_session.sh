@@ -12,7 +12,8 @@
 #   tests    the GPU-only tests: kernels in fp32/fp16/bf16 compiled for the real GPU, DALI's GPU graph
 #   cifar    the CIFAR-10 speedrun (benchmarks/cifar_run.py): $FASTCL_CIFAR_RECIPES (default mocov2_r50, comma
 #            list) for $FASTCL_CIFAR_EPOCHS epochs or as many as fit $FASTCL_CIFAR_BUDGET s (default 300) each, kNN
-#            against minutes (needs CIFAR-10 under $FASTCL_DATA)
+#            against minutes (needs CIFAR-10 under $FASTCL_DATA); $FASTCL_CIFAR_ARGS go to the recipe
+#            (e.g. FASTCL_CIFAR_RECIPES=simclr_r50 FASTCL_CIFAR_ARGS="--preset cifar_fast")
 #   step     training steps: MoCo v2 R50 hand loop / torch / fused / split BN / compiled, CIFAR split BN, SimCLR and
 #            BYOL R50 hand / eager / compiled, DINO ViT-S/16, S/8 eager / compiled (all of it takes ~8 min:
 #            FASTCL_STEP_K="mocov2 or dino" selects, FASTCL_BENCH_COMPILE=0 drops the compiled variants)
@@ -58,7 +59,7 @@ run_part() {
              -q -rs $XDIST --timeout 90 --junitxml "$OUT/logs/tests_gpu.xml" ;;
     cifar) step cifar "$((${FASTCL_CIFAR_BUDGET:-300} + 30))" $PY benchmarks/cifar_run.py --budget "${FASTCL_CIFAR_BUDGET:-300}" \
              --recipe "${FASTCL_CIFAR_RECIPES:-mocov2_r50}" ${FASTCL_CIFAR_EPOCHS:+--epochs "$FASTCL_CIFAR_EPOCHS"} \
-             --out "$OUT/cifar" --step-json "$BENCH_JSON" ;;
+             --out "$OUT/cifar" --step-json "$BENCH_JSON" ${FASTCL_CIFAR_ARGS:+-- $FASTCL_CIFAR_ARGS} ;;
     step) FASTCL_BENCH_JSON=$BENCH_JSON step bench_train_step "${FASTCL_STEP_LIMIT:-150}" $PYTEST benchmarks/bench_train_step.py \
              -s -q --benchmark-json "$OUT/logs/bench_train_step.json" ${FASTCL_STEP_K:+-k "$FASTCL_STEP_K"} ;;
     kernels) step bench_kernels "${FASTCL_KERNELS_LIMIT:-120}" $PYTEST benchmarks/bench_infonce.py benchmarks/bench_ema.py \

@@ -30,7 +30,7 @@ def base_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="cifar10",
-                   help="'cifar10' (default; downloaded and cached under $FASTCL_DATA or ~/.cache/fastcl) or an "
+                   help="'cifar10' (downloaded and cached under $FASTCL_DATA or ~/.cache/fastcl) or an "
                         "ImageNet-layout folder with train/ and val/ class sub-folders")
     g.add_argument("--data-backend", default="auto", choices=["auto", "gpu", "dali", "torch"],
                    help="augmentation back end (default: auto = gpu for CIFAR-10 on CUDA -- the dataset held and "
@@ -39,7 +39,7 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading workers / DALI threads per process (default: min(8, cores))")
     g = p.add_argument_group("optimization")
-    g.add_argument("--preset", default=None, choices=["cifar", "imagenet"],
+    g.add_argument("--preset", default=None, choices=["cifar", "imagenet"],  # (the recipe's own: annotate_help)
                    help="hyper-parameter preset (default: cifar for --data cifar10, imagenet otherwise)")
     g.add_argument("--arch", default=None, help="backbone name (see fastcl.models.BACKBONES)")
     g.add_argument("--epochs", type=int, default=None)
@@ -109,6 +109,8 @@ def annotate_help(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> 
     if getattr(parser, "_fastcl_annotated", False):
         return
     for a in parser._actions:
+        if a.dest == "preset":  # the recipe's presets (SimCLR has a third, cifar_fast)
+            a.choices = list(presets)
         if a.help == argparse.SUPPRESS or not a.option_strings or a.dest == "help":
             continue
         text = a.help or ""

@@ -93,9 +93,9 @@ def mocov2_aug_plus(size=224, mean=None, std=None, blur_p=0.5) -> AugmentSpec:
     return AugmentSpec((_for_data(ViewSpec(blur_p=blur_p), size, mean, std),), (2,))
 
 
-def simclr(size=224, mean=None, std=None, strength=1.0, blur_p=0.5) -> AugmentSpec:
+def simclr(size=224, mean=None, std=None, strength=1.0, blur_p=0.5, scale=(0.08, 1.0)) -> AugmentSpec:
     """SimCLR: RRC(0.08-1), jitter(0.8s,0.8s,0.8s,0.2s) p=0.8, gray 0.2, blur p=0.5 (off on CIFAR), flip."""
-    v = ViewSpec(scale=(0.08, 1.0), brightness=0.8 * strength, contrast=0.8 * strength,
+    v = ViewSpec(scale=tuple(scale), brightness=0.8 * strength, contrast=0.8 * strength,
                  saturation=0.8 * strength, hue=0.2 * strength, blur_p=blur_p)
     return AugmentSpec((_for_data(v, size, mean, std),), (2,))
 

@@ -184,3 +184,29 @@ def test_help_is_fast_states_every_default_and_each_recipes_own_presets():
     assert "imagenet preset: false; cifar preset: true" in dino8["--norm-last-layer"]
     assert "imagenet preset: 0.4 1; cifar preset: 0.32 1" in dino8["--global-crops-scale"]
     assert "default: 0.32 1" in dino16["--global-crops-scale"]  # its own: both presets 0.32-1
+
+
+def test_simclr_cifar_fast_preset_is_the_record_runs_settings(monkeypatch, capsys):
+    """--preset cifar_fast: dkobak/simclr-cifar10's settings (batch 1024, SGD 0.03 x B/256, wd 5e-4, no warm-up,
+    projector hidden 1024, crops from 0.2); a recipe without that preset refuses it naming the choices."""
+    recipe = load_recipe("simclr_r50")
+    seen = {}
+    monkeypatch.setattr(cli, "run", lambda args, name, build, spec, knn_size=None: seen.update(a=args, s=spec, b=build))
+    recipe.main(["--preset", "cifar_fast"])
+    a, spec = seen["a"], seen["s"]
+    assert (a.batch_size, a.optimizer, a.lr, a.wd, a.warmup_epochs, a.temperature, a.hidden_dim, a.crop_min) == \
+        (1024, "sgd", 0.03, 5e-4, 0, 0.5, 1024, 0.2)
+    assert cli.train_config(a, "simclr_r50").lr == pytest.approx(0.12)  # 0.03 x 1024/256, as the reference
+    view = spec.views[0]
+    assert view.scale == (0.2, 1.0) and view.blur_p == 0.0
+    assert (view.brightness, view.contrast, view.saturation, view.hue) == pytest.approx((0.4, 0.4, 0.4, 0.1))
+    a.arch = "resnet18"
+    head = seen["b"](a).projector
+    assert [m.out_features for m in head.modules() if isinstance(m, torch.nn.Linear)] == [1024, 128]
+    seen.clear()
+    recipe.main([])  # the paper's CIFAR preset is unchanged
+    assert (seen["a"].hidden_dim, seen["a"].crop_min, seen["s"].views[0].scale) == (0, 0.08, (0.08, 1.0))
+    mocov2 = load_recipe("mocov2_r50")
+    with pytest.raises(SystemExit):
+        mocov2.main(["--preset", "cifar_fast"])
+    assert "invalid choice: 'cifar_fast'" in capsys.readouterr().err
