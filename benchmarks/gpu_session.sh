@@ -19,6 +19,8 @@
 #            FASTCL_STEP_K="mocov2 or dino" selects, FASTCL_BENCH_COMPILE=0 drops the compiled variants)
 #   kernels  the fused kernels against torch and their floors
 #   data     the DALI pipeline's throughput (needs DALI staged)
+#   tune     benchmarks/tune_infonce.py: every InfoNCE kernel alone over candidate tiles, checked against the
+#            shipped tile and timed (the shipped tiles were chosen from ptxas counts, untimed); $FASTCL_TUNE_BUDGET s
 # Two calls with the CIFAR-10 staging (one chunk each):
 #   1. carry [".devdata1"]: mkdir -p /tmp/dd && cp .devdata1/* /tmp/dd/ && FASTCL_COMMIT=<sha> bash benchmarks/gpu_session.sh tests step kernels
 #   2. carry [".devdata2"]: cp .devdata2/* /tmp/dd/ && python3 benchmarks/stage_cifar10.py unpack /tmp/dd --root /tmp/fdata &&
@@ -67,14 +69,17 @@ run_part() {
              --benchmark-json "$OUT/logs/bench_kernels.json" ;;
     data) step bench_data "${FASTCL_DATA_LIMIT:-120}" $PYTEST benchmarks/bench_data.py -s -q \
              --benchmark-json "$OUT/logs/bench_data.json" ;;
-    *) echo "unknown part $1 (tests cifar step kernels data)"; return 1 ;;
+    tune) step tune_infonce "$((${FASTCL_TUNE_BUDGET:-120} + 90))" $PY benchmarks/tune_infonce.py \
+             --budget "${FASTCL_TUNE_BUDGET:-120}" --out "$OUT/tune_infonce.json" ;;
+    *) echo "unknown part $1 (tests cifar step kernels data tune)"; return 1 ;;
   esac
 }
 {
   cat "$OUT/env.txt"
   for part in "${@:-tests step kernels cifar data}"; do for p in $part; do run_part "$p"; done; done
   echo; echo "== results =="
-  grep -hE "^\[|speedup|floor|ratio|projected|img/s|budget|ms/step|cifar_run" "$OUT"/logs/bench_*.log "$OUT"/logs/cifar.log 2>/dev/null
+  grep -hE "^\[|speedup|floor|ratio|projected|img/s|budget|ms/step|cifar_run|shipped|WRONG" "$OUT"/logs/bench_*.log \
+    "$OUT"/logs/cifar.log "$OUT"/logs/tune_infonce.log 2>/dev/null
   grep -hE "^(FAILED|ERROR)|(passed|failed|error)" "$OUT"/logs/tests_gpu.log 2>/dev/null | tail -30
 } 2>&1 | tee "$OUT/summary.txt"
 [ -f "$BENCH_JSON" ] && cp "$BENCH_JSON" "$OUT/bench_steps.jsonl"

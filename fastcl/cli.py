@@ -287,6 +287,9 @@ def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn
     if dist.is_main:
         print(resolved_line(args, cfg, loader, trainer), flush=True)
     result = trainer.fit()
+    from .data.build import data_report
+
+    result.update(data_report(loader, dist))  # bad and skipped files, all ranks (collective)
     if dist.is_main:
         out = Path(cfg.out_dir)
         backbone = {k: v.detach().clone() for k, v in method.backbone.state_dict().items()}  # (ZeRO: views)
@@ -295,7 +298,12 @@ def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn
         torch.save({"backbone": backbone, "arch": args.arch, "model_kwargs": model_kwargs_of({"args": vars(args)}),
                     "backbone_class": trainer.backbone_record()["backbone_class"]}, out / "backbone.pth")
         (out / "result.json").write_text(json.dumps(result, indent=1))
-        print(f"done: {json.dumps(result)}; backbone weights in {out / 'backbone.pth'}", flush=True)
+        data = result.get("data", {})
+        files = "".join(f"; {data[f'num_{k}']} {what} file(s) listed in result.json" for k, what in
+                        (("bad_files", "undecodable (substituted)"), ("skipped_files", "non-image (skipped)"))
+                        if data.get(f"num_{k}"))
+        shown = {k: v for k, v in result.items() if k != "data"}
+        print(f"done: {json.dumps(shown)}{files}; backbone weights in {out / 'backbone.pth'}", flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result

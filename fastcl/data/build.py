@@ -157,3 +157,31 @@ def build_knn_loaders(source: str, dist: DistInfo, size: int, *, knn_samples: in
     return tuple(TorchLoader(subset(dataset(source, split, tf), n), 256, rank=dist.rank, world_size=dist.world_size,
                              shuffle=False, drop_last=False, num_workers=workers)
                  for split, n in (("train", knn_samples), ("val", knn_samples // 5)))
+
+
+MAX_LISTED = 1000  # file names listed per kind in result.json (the counts are exact)
+
+
+def data_report(loader, dist: DistInfo | None = None) -> dict:
+    """What ``result.json`` records about the training files, over all ranks: ``{"data": {"num_bad_files": N,
+    "bad_files": [...], "num_skipped_files": M, "skipped_files": [...]}}`` -- bad files: image files that could
+    not be decoded (each substituted by the next good sample, see ``fastcl.data.imagefolder``), distinct files
+    found by any rank; skipped files: files the scan left out as not images. Lists sorted, at most
+    ``MAX_LISTED`` names each. ``{}`` for loaders without files (in-memory data). Collective under DDP."""
+    report = loader.bad_file_report() if hasattr(loader, "bad_file_report") else None
+    if dist is not None and dist.world_size > 1:
+        import torch.distributed as tdist
+
+        reports = [None] * dist.world_size
+        tdist.all_gather_object(reports, report)
+    else:
+        reports = [report]
+    reports = [r for r in reports if r is not None]
+    if not reports:
+        return {}
+    out = {}
+    for kind in ("bad_files", "skipped_files"):
+        names = sorted({p for r in reports for p in r[kind]})
+        out[f"num_{kind}"] = len(names)
+        out[kind] = names[:MAX_LISTED]
+    return {"data": out}

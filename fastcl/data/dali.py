@@ -38,6 +38,13 @@ the bytes in DALI's threads), which raises ``StopIteration`` after the epoch's l
 reader owns an epoch, so no reader-side epoch accounting can drift (the solo-learn #265 "empty
 epoch" class of bugs). ``set_epoch(e, start_batch=k)`` resumes at batch ``k`` of epoch ``e``.
 
+Resume is bit-exact: the pipeline is built with DALI checkpointing, ``state_dict()`` is its
+``Pipeline.checkpoint()`` (the random operators' states after the last batch handed out; batches prefetched
+past it do not count) and ``load_state_dict(state)`` makes the next pipeline start from it, so a fresh loader
+given the state and ``set_epoch(e, k)`` yields the views the saved one would have yielded next. The engine stores
+every rank's state in its checkpoints. An iteration abandoned mid-epoch hands its state to the rebuilt pipeline,
+so abandoning one does not change the views that follow either.
+
 Bad input: DALI cannot skip a sample inside a running batch (NVIDIA/DALI#3913), so
 1. a pre-scan (``validate="header"``, default) reads each file's first and last bytes and flags
    files that are empty, of an unknown format (not JPEG/PNG/BMP/TIFF/WebP/PNM), JPEGs without an
@@ -309,7 +316,8 @@ def _view(encoded, decoded, v: ViewSpec, mixed: bool, out_dtype, layout: str):
 
 def build_pipeline(spec: AugmentSpec, batch_size: int, source, *, device_id: int | None = None,
                    num_threads: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32,
-                   channels_last: bool = False, decode: str = "auto", prefetch_queue_depth: int = 2):
+                   channels_last: bool = False, decode: str = "auto", prefetch_queue_depth: int = 2,
+                   checkpoint: bytes | None = None):
     """The DALI pipeline for ``spec``: outputs ``(*views, labels, indices)``.
 
     Args:
@@ -321,6 +329,9 @@ def build_pipeline(spec: AugmentSpec, batch_size: int, source, *, device_id: int
             one full decode shared by all views, ``"auto"`` = fused on the GPU for <= 2 views, else
             once (a CPU ROI decode still entropy-decodes every row above the crop: on 2 cores,
             MoCo two-view ran ~1.6x faster decoding once).
+        checkpoint: a ``Pipeline.checkpoint()`` of a pipeline built with the same arguments: the random
+            operators continue from its state (DALI checkpointing is always enabled; it costs nothing per
+            batch, only when a checkpoint is taken).
     """
     from nvidia.dali import fn, pipeline_def, types
     if decode not in ("auto", "fused", "once"):
@@ -332,7 +343,7 @@ def build_pipeline(spec: AugmentSpec, batch_size: int, source, *, device_id: int
     out_dtype = _dtype(dtype)
     layout = "HWC" if channels_last else "CHW"
 
-    @pipeline_def(enable_conditionals=True)
+    @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
     def pipe():
         names, labels, indices = fn.external_source(source=source, batch=True, num_outputs=3,
                                                     dtype=[types.UINT8, types.INT64, types.INT64])
@@ -344,7 +355,7 @@ def build_pipeline(spec: AugmentSpec, batch_size: int, source, *, device_id: int
         return (*outs, labels, indices)
 
     return pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                prefetch_queue_depth=prefetch_queue_depth)
+                prefetch_queue_depth=prefetch_queue_depth, checkpoint=checkpoint)
 
 
 # ============ the loader ============
@@ -419,6 +430,7 @@ class DaliLoader:
         ds = ImageFolderDataset(root)
         self.root, self.classes = ds.root, ds.classes
         self.paths = [p for p, _ in ds.samples]
+        self.skipped_files = ds.skipped_files  # (not image files: left out by the scan)
         self.targets = np.asarray(ds.targets, dtype=np.int64)
         self.spec, self.batch_size = spec, batch_size
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
@@ -442,6 +454,7 @@ class DaliLoader:
         self._cursor = 0
         self._clean = False  # pipeline sits at an epoch boundary and can be reset instead of rebuilt
         self._pipe_count = 0
+        self._restore: bytes | None = None  # a DALI checkpoint the next pipeline starts from (load_state_dict)
         self._gen = 0  # iteration counter (see __iter__)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -468,6 +481,39 @@ class DaliLoader:
     def num_bad_files(self) -> int:
         return len(self._bad)
 
+    def bad_file_report(self) -> dict:
+        """``{"bad_files": sorted undecodable paths, "skipped_files": non-image paths left out by the scan}``."""
+        return {"bad_files": sorted(self.bad_files), "skipped_files": list(self.skipped_files)}
+
+    # ---- resume ----
+    def state_dict(self) -> dict:
+        """The augmentation's random state right after the last batch handed out: DALI's checkpoint of the live
+        pipeline (its random operators' states; batches it prefetched past that point are not counted), or the
+        state this loader was given and has not started from yet, or ``None`` (no pipeline yet: the next one
+        starts fresh from ``seed``, rank and the rebuild count, which the state also carries). Taken at the
+        engine's checkpoints only (``Pipeline.checkpoint()`` is not free)."""
+        pipeline = self._pipe.checkpoint() if self._pipe is not None else self._restore
+        return {"backend": "dali", "pipeline": pipeline, "pipe_count": self._pipe_count,
+                "batch_size": self.batch_size, "device": self.device.type}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Continue the augmentation's random stream of ``state`` (from ``state_dict``): with ``set_epoch(e, k)``
+        at the saved position the loader yields bit-exactly the views the saved one would have yielded next.
+        A state of another back end, batch size or device type (or none) is refused with a warning: the stream
+        then restarts (same samples, other views)."""
+        why = None
+        if not state or state.get("backend") != "dali":
+            why = "the checkpoint holds no DALI state (written by another data back end or an older fastcl)"
+        elif (state["batch_size"], state["device"]) != (self.batch_size, self.device.type):
+            why = (f"its DALI state is for batch {state['batch_size']} on {state['device']}, this loader has batch "
+                   f"{self.batch_size} on {self.device.type}")
+        if why:
+            warnings.warn(f"DaliLoader: {why}; the augmentation's random stream restarts (the same samples in the "
+                          "same order, other views)", RuntimeWarning, stacklevel=2)
+            return
+        self._discard_pipe(keep_state=False)
+        self._restore, self._pipe_count = state["pipeline"], int(state["pipe_count"])
+
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
         plan = self.epoch_indices()[self.start_batch:]
         self.start_batch = 0
@@ -487,7 +533,7 @@ class DaliLoader:
                     raise RuntimeError(f"DALI pipeline ended after {done} of {len(plan)} batches") from None
                 except RuntimeError as err:
                     self._recover(plan[done:self._cursor] or plan[done:done + 1], err)
-                    self._discard_pipe()
+                    self._discard_pipe(keep_state=False)  # (a failed pipeline's state is not trusted)
                     pipe = self._fresh_pipe()
                     self._plan, self._cursor = plan, done
                     continue
@@ -507,7 +553,7 @@ class DaliLoader:
                 self._end_epoch(pipe)
         finally:
             if self._gen == gen and (done < len(plan) or not self._clean):
-                self._discard_pipe()  # abandoned mid-epoch: batches in flight -> rebuild next time
+                self._discard_pipe()  # abandoned mid-epoch: batches in flight -> rebuild (same stream) next time
 
     # ---- internals ----
     def _end_epoch(self, pipe) -> None:
@@ -568,18 +614,38 @@ class DaliLoader:
             self._clean = False
             return self._pipe
         self._discard_pipe()
-        device_id = self.device.index if self.device.type == "cuda" else None
+        restore, self._restore = self._restore, None
+        if restore is None:  # (a restored pipeline continues the one that was counted when it was built)
+            self._pipe_count += 1
         # distinct augmentation streams per rank and per rebuild; the shuffle never depends on this
-        seed = (self.seed * 1_000_003 + self.rank * 7_919 + self._pipe_count) % (2 ** 31)
-        self._pipe_count += 1
-        self._pipe = build_pipeline(self.spec, self.batch_size, self._source, device_id=device_id,
-                                    num_threads=self.num_threads, seed=seed, dtype=self.dtype,
-                                    channels_last=self.channels_last, decode=self.decode,
-                                    prefetch_queue_depth=self.prefetch_queue_depth)
-        self._pipe.build()
+        seed = (self.seed * 1_000_003 + self.rank * 7_919 + self._pipe_count - 1) % (2 ** 31)
+        try:
+            self._pipe = self._build(seed, restore)
+        except RuntimeError as err:
+            if restore is None:
+                raise
+            warnings.warn(f"DaliLoader: the saved DALI state does not fit this pipeline ({_error_cause(err)}); the "
+                          "augmentation's random stream restarts", RuntimeWarning, stacklevel=3)
+            self._pipe = self._build(seed, None)
         return self._pipe
 
-    def _discard_pipe(self):
+    def _build(self, seed: int, checkpoint: bytes | None):
+        pipe = build_pipeline(self.spec, self.batch_size, self._source,
+                              device_id=self.device.index if self.device.type == "cuda" else None,
+                              num_threads=self.num_threads, seed=seed, dtype=self.dtype,
+                              channels_last=self.channels_last, decode=self.decode,
+                              prefetch_queue_depth=self.prefetch_queue_depth, checkpoint=checkpoint)
+        pipe.build()
+        return pipe
+
+    def _discard_pipe(self, keep_state: bool = True):
+        """Drop the pipeline; ``keep_state``: its successor continues its random stream from the last batch handed
+        out (an abandoned iteration, batches in flight, does not change the views that follow)."""
+        if keep_state and self._pipe is not None and self._restore is None:
+            try:
+                self._restore = self._pipe.checkpoint()
+            except RuntimeError:  # (a pipeline that failed: its successor starts a new stream)
+                pass
         self._pipe, self._clean = None, False
 
     def _recover(self, batches: list[np.ndarray], err: BaseException) -> None:

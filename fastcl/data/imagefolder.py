@@ -11,8 +11,10 @@ and RGBA inputs included). A file that cannot be read or decoded (corrupt, trunc
 raises mid-epoch and never silently shrinks the epoch: the loader warns (naming the file and the running
 count) and substitutes a deterministic replacement -- the next readable sample in dataset order
 (``index + 1``, ``index + 2``, ... wrapping around), returned with *its* label and the *requested*
-``index`` (so the sampler's exactly-once accounting holds). ``num_bad_loads`` counts substitutions
-across DataLoader worker processes; ``bad_files`` holds the paths this process has seen fail;
+``index`` (so the sampler's exactly-once accounting holds). A file is warned about once, when first found
+bad, and never decoded again. ``num_bad_loads`` counts substitutions and ``bad_files`` / ``num_bad_files``
+the distinct bad files, both across DataLoader worker processes (shared memory: one byte per sample);
+``bad_file_report()`` lists them with the scan's non-image files (what ``result.json`` records);
 ``verify()`` decodes everything up front and returns the bad paths.
 
 >>> ds = ImageFolderDataset("/data/imagenet/train")          # doctest: +SKIP
@@ -58,7 +60,107 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-class ImageFolderDataset(Dataset):
+class ImageFileDataset(Dataset):
+    """Image files with labels; ``dataset[i] -> (transform(img), label, i)``, with the bad-file handling of the
+    module docstring. The base of ``ImageFolderDataset`` (class folders) and the unlabeled datasets
+    (``fastcl.data.unlabeled``: label ``-1``).
+
+    Args:
+        samples: ``(path, label)`` pairs, in index order.
+        transform: callable on an RGB PIL image; ``None`` returns the image.
+        name: how messages name the dataset (its folder or list file).
+        skipped: paths the scan left out (not image files), reported with the bad files.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None = None, *, name: str = "",
+                 skipped: Sequence[str] = ()):
+        self.samples = list(samples)
+        self.transform = transform
+        self.name = name
+        self.targets = [y for _, y in self.samples]
+        self.num_skipped_files = len(skipped)
+        self.skipped_files = list(skipped)
+        if skipped:
+            warnings.warn(f"{type(self).__name__}({name!r}): skipped {len(skipped)} non-image file(s), "
+                          f"e.g. {', '.join(self.skipped_files[:3])}", stacklevel=3)
+        # shared with forked/spawned DataLoader workers: substitutions, and one flag per sample found undecodable
+        self._bad_count = multiprocessing.Value("q", 0)
+        self._bad_flags = multiprocessing.Array("b", max(1, len(self.samples)), lock=False)
+
+    # -- pickling: keep the shared counters when spawning workers, else start fresh ones ----------
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if multiprocessing.context.get_spawning_popen() is None:
+            state["_bad_count"] = state["_bad_flags"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._bad_count is None:
+            self._bad_count = multiprocessing.Value("q", 0)
+            self._bad_flags = multiprocessing.Array("b", max(1, len(self.samples)), lock=False)
+
+    @property
+    def num_bad_loads(self) -> int:
+        """Substituted loads so far (requests for an undecodable file), summed over this process and its
+        DataLoader workers."""
+        return self._bad_count.value
+
+    @property
+    def bad_files(self) -> set[str]:
+        """The distinct files found undecodable so far, by this process or its DataLoader workers."""
+        return {self.samples[i][0] for i in range(len(self.samples)) if self._bad_flags[i]}
+
+    @property
+    def num_bad_files(self) -> int:
+        return sum(1 for i in range(len(self.samples)) if self._bad_flags[i])
+
+    def bad_file_report(self) -> dict:
+        """``{"bad_files": sorted undecodable paths, "skipped_files": non-image paths left out by the scan}``."""
+        return {"bad_files": sorted(self.bad_files), "skipped_files": list(self.skipped_files)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _record_bad(self, j: int, path: str, err: BaseException) -> None:
+        if self._bad_flags[j]:
+            return
+        self._bad_flags[j] = 1
+        warnings.warn(f"{type(self).__name__}: cannot load {path!r} ({type(err).__name__}: {err}); substituting "
+                      f"the next readable sample ({self.num_bad_files} bad file(s) so far)", RuntimeWarning,
+                      stacklevel=3)
+
+    def __getitem__(self, index: int):
+        n = len(self.samples)
+        for k in range(n):
+            j = (index + k) % n
+            path, label = self.samples[j]
+            if not self._bad_flags[j]:
+                try:
+                    img = load_rgb(path)
+                except _LOAD_ERRORS as err:
+                    self._record_bad(j, path, err)
+                else:
+                    if k > 0:
+                        with self._bad_count.get_lock():
+                            self._bad_count.value += 1
+                    if self.transform is not None:
+                        img = self.transform(img)
+                    return img, label, int(index)
+        raise RuntimeError(f"{type(self).__name__}({self.name!r}): no readable image at all")
+
+    def verify(self) -> list[str]:
+        """Decode every file now; returns the paths that fail (does not change ``num_bad_loads``)."""
+        bad = []
+        for path, _ in self.samples:
+            try:
+                load_rgb(path)
+            except _LOAD_ERRORS:
+                bad.append(path)
+        return bad
+
+
+class ImageFolderDataset(ImageFileDataset):
     """Images in class folders; ``dataset[i] -> (transform(img), label, i)``.
 
     Args:
@@ -76,7 +178,6 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None, *,
                  classes: Sequence[str] | None = None, extensions: Sequence[str] = IMG_EXTENSIONS):
         self.root = Path(root)
-        self.transform = transform
         found = find_classes(self.root)
         if classes is None:
             classes = found
@@ -89,85 +190,30 @@ class ImageFolderDataset(Dataset):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         exts = tuple(e.lower() for e in extensions)
 
-        self.samples: list[tuple[str, int]] = []
+        samples: list[tuple[str, int]] = []
         skipped: list[str] = []
         for c in self.classes:
             cdir = self.root / c
             if not cdir.is_dir():
                 raise FileNotFoundError(f"class folder {str(cdir)!r} does not exist")
-            n_before = len(self.samples)
-            for dirpath, dirnames, filenames in os.walk(cdir, followlinks=True):
-                dirnames.sort()
-                for fn in sorted(filenames):
-                    path = os.path.join(dirpath, fn)
-                    if fn.lower().endswith(exts) and not fn.startswith("."):
-                        self.samples.append((path, self.class_to_idx[c]))
-                    else:
-                        skipped.append(path)
-            if len(self.samples) == n_before:
+            paths, skip = scan_images(cdir, exts)
+            if not paths:
                 raise ValueError(f"class folder {str(cdir)!r} contains no image files "
                                  f"(extensions {', '.join(exts)})")
-        self.targets = [y for _, y in self.samples]
-        self.num_skipped_files = len(skipped)
-        self.skipped_files = skipped
-        if skipped:
-            warnings.warn(f"ImageFolderDataset({str(self.root)!r}): skipped {len(skipped)} non-image file(s), "
-                          f"e.g. {', '.join(skipped[:3])}", stacklevel=2)
-        self.bad_files: set[str] = set()
-        self._bad_count = multiprocessing.Value("q", 0)  # shared with forked/spawned DataLoader workers
+            samples += [(p, self.class_to_idx[c]) for p in paths]
+            skipped += skip
+        super().__init__(samples, transform, name=str(self.root), skipped=skipped)
 
-    # -- pickling: keep the shared counter when spawning workers, else start a fresh one ----------
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        if multiprocessing.context.get_spawning_popen() is None:
-            state["_bad_count"] = None
-        return state
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if self._bad_count is None:
-            self._bad_count = multiprocessing.Value("q", 0)
-
-    @property
-    def num_bad_loads(self) -> int:
-        """Substituted loads so far, summed over this process and its DataLoader workers."""
-        return self._bad_count.value
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _record_bad(self, path: str, err: BaseException, index: int) -> int:
-        with self._bad_count.get_lock():
-            self._bad_count.value += 1
-            count = self._bad_count.value
-        self.bad_files.add(path)
-        warnings.warn(f"ImageFolderDataset: cannot load {path!r} ({type(err).__name__}: {err}); "
-                      f"substituting the next readable sample for index {index} "
-                      f"({count} bad load(s) so far)", RuntimeWarning, stacklevel=3)
-        return count
-
-    def __getitem__(self, index: int):
-        n = len(self.samples)
-        for k in range(n):
-            path, label = self.samples[(index + k) % n]
-            if k > 0 and path in self.bad_files:
-                continue
-            try:
-                img = load_rgb(path)
-            except _LOAD_ERRORS as err:
-                self._record_bad(path, err, index)
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, label, int(index)
-        raise RuntimeError(f"ImageFolderDataset({str(self.root)!r}): no readable image at all")
-
-    def verify(self) -> list[str]:
-        """Decode every file now; returns the paths that fail (does not change ``num_bad_loads``)."""
-        bad = []
-        for path, _ in self.samples:
-            try:
-                load_rgb(path)
-            except _LOAD_ERRORS:
-                bad.append(path)
-        return bad
+def scan_images(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS) -> tuple[list[str], list[str]]:
+    """(image files, other files) under ``root`` at any depth, each sorted by path (folders in sorted order,
+    symlinks followed); hidden files count as other files, hidden folders are not entered."""
+    exts = tuple(e.lower() for e in extensions)
+    images: list[str] = []
+    others: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            path = os.path.join(dirpath, fn)
+            (images if fn.lower().endswith(exts) and not fn.startswith(".") else others).append(path)
+    return images, others

@@ -130,6 +130,14 @@ class TorchLoader:
         """This rank's index batches for ``epoch`` (default: the current one), ignoring ``start_batch``."""
         return self._batches(self.epoch if epoch is None else epoch)
 
+    def bad_file_report(self) -> dict | None:
+        """The dataset's undecodable and non-image files (``ImageFileDataset.bad_file_report``), or ``None`` for
+        datasets without files."""
+        ds = self.dataset
+        while isinstance(ds, torch.utils.data.Subset):
+            ds = ds.dataset
+        return ds.bad_file_report() if hasattr(ds, "bad_file_report") else None
+
     def __iter__(self) -> Iterator[tuple]:
         self._sampler.batches = self._batches(self.epoch)[self.start_batch:]
         self.start_batch = 0

@@ -203,17 +203,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
-        rng = rng_state()
-        if self.dist.world_size > 1:  # every rank's RNG, so each resumes its own stream
-            rngs = [None] * self.dist.world_size
-            dist.all_gather_object(rngs, rng)
+        # every rank's RNG and loader state (DALI's augmentation stream), so each resumes its own streams
+        mine = (rng_state(), self.loader.state_dict() if hasattr(self.loader, "state_dict") else None)
+        if self.dist.world_size > 1:
+            both = [None] * self.dist.world_size
+            dist.all_gather_object(both, mine)
         else:
-            rngs = [rng]
+            both = [mine]
+        rngs, loaders = [r for r, _ in both], [s for _, s in both]
         return {"model": self.method.state_dict(), **self.backbone_record(),
                 "optimizer": None if self.zero else self.optimizer.state_dict(),  # ZeRO: shards, see save
                 "scaler": self.scaler.state_dict(),
                 "position": {"epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step},
-                "rng": rngs, "world_size": self.dist.world_size,
+                "rng": rngs, "loader": loaders, "world_size": self.dist.world_size,
                 "config": dataclasses.asdict(self.cfg), "args": self.cfg.extra}  # args: the recipe's (arch, ...)
 
     def backbone_record(self) -> dict:
@@ -291,6 +293,8 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = pos["epoch"], pos["batch"], pos["step"]
         if ckpt.get("world_size") == self.dist.world_size:
             set_rng_state(ckpt["rng"][self.dist.rank])
+            if hasattr(self.loader, "load_state_dict"):  # (the loader warns if the state is not its own)
+                self.loader.load_state_dict((ckpt.get("loader") or [None] * (self.dist.rank + 1))[self.dist.rank])
         elif self.dist.is_main:
             print(f"warning: {path} was written by {ckpt.get('world_size')} ranks, resuming on "
                   f"{self.dist.world_size}: RNG streams restart", flush=True)
