@@ -8,7 +8,6 @@ Shapes from issue 3: MoCo queue N=256, C=128, K=65536 fwd+bwd (fp32, bf16); MoCo
 C=256, N=M=4096 and 16384 fwd+bwd, with peak memory beyond inputs and grads.
 H100 goals: queue <= 0.10 ms, in-batch 4096 <= 0.35 ms, 16384 <= 2.5 ms with <= 64 MB extra.
 """
-import contextlib
 
 import pytest
 import torch
@@ -24,16 +23,6 @@ from triton.testing import do_bench  # noqa: E402
 
 QUANTILES = [0.5, 0.2, 0.8]
 GOALS_MS = {"moco": 0.10, 4096: 0.35, 16384: 2.5}
-
-
-@contextlib.contextmanager
-def backend(name):
-    old = K.get_backend()
-    K.set_backend(name)
-    try:
-        yield
-    finally:
-        K.set_backend(old)
 
 
 def setup_moco(dtype, N=256, C=128, Kq=65536):
@@ -92,9 +81,9 @@ def test_moco_queue(benchmark, dtype, peak_bandwidth):
     # the queue dominates the traffic: read by the forward and again by the backward (dq)
     bw, src = peak_bandwidth
     floor_ms = 2 * queue.numel() * queue.element_size() / (bw * 1e9) * 1e3
-    with backend("torch"):
+    with K.backend("torch"):
         t_torch = do_bench(fn, quantiles=QUANTILES)
-    with backend("triton"):
+    with K.backend("triton"):
         t_tri = do_bench(fn, quantiles=QUANTILES)
         ratio = report(f"moco_infonce N=256 C=128 K=65536 {dtype} fwd+bwd", t_tri, t_torch, GOALS_MS["moco"],
                        flops=2 * 256 * 65536 * 128 * 3,
@@ -108,10 +97,10 @@ def test_moco_queue(benchmark, dtype, peak_bandwidth):
 def test_inbatch(benchmark, N, peak_tflops):
     dtype = torch.bfloat16
     fn, inputs = setup_inbatch(N, dtype)
-    with backend("torch"):
+    with K.backend("torch"):
         t_torch = do_bench(fn, quantiles=QUANTILES)
         mem_torch = peak_extra_mb(fn, inputs)
-    with backend("triton"):
+    with K.backend("triton"):
         t_tri = do_bench(fn, quantiles=QUANTILES)
         mem_tri = peak_extra_mb(fn, inputs)
         ratio = report(f"inbatch_infonce N=M={N} C=256 bf16 fwd+bwd", t_tri, t_torch, GOALS_MS[N],

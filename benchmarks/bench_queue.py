@@ -5,7 +5,6 @@ Run (needs CUDA; skipped otherwise):
     pytest benchmarks/bench_queue.py -s
 Shape: 256 keys of width 128 into a 65536-slot queue (bf16 keys into an fp32 queue, as under AMP).
 """
-import contextlib
 
 import pytest
 import torch
@@ -21,16 +20,6 @@ from triton.testing import do_bench  # noqa: E402
 QUANTILES = [0.5, 0.2, 0.8]
 
 
-@contextlib.contextmanager
-def backend(name):
-    old = K.get_backend()
-    K.set_backend(name)
-    try:
-        yield
-    finally:
-        K.set_backend(old)
-
-
 def moco_original(queue, ptr_host, keys):
     """MoCo builder.py _dequeue_and_enqueue: host pointer, batch must divide K."""
     b = keys.shape[0]
@@ -42,9 +31,9 @@ def moco_original(queue, ptr_host, keys):
 def test_enqueue(benchmark, B, peak_bandwidth):
     q = KeyQueue(128, 65536).cuda()
     keys = torch.randn(B, 128, device="cuda", dtype=torch.bfloat16)
-    with backend("torch"):
+    with K.backend("torch"):
         t_torch = do_bench(lambda: q.enqueue(keys), quantiles=QUANTILES)
-    with backend("triton"):
+    with K.backend("triton"):
         t_tri = do_bench(lambda: q.enqueue(keys), quantiles=QUANTILES)
     bw, _ = peak_bandwidth
     floor_us = (keys.numel() * keys.element_size() + B * 128 * 4) / (bw * 1e9) * 1e6  # read keys, write fp32 rows
@@ -58,7 +47,7 @@ def test_enqueue(benchmark, B, peak_bandwidth):
           f"speedup x{t_torch[0] / t_tri[0]:.2f}{extra}  (bytes floor {floor_us:.2f} us at {bw:.0f} GB/s: "
           "launch-bound, a few us is the practical floor)")
     benchmark.extra_info.update(torch_ms=t_torch[0], triton_ms=t_tri[0])
-    with backend("triton"):
+    with K.backend("triton"):
         benchmark(lambda: q.enqueue(keys))
 
 
@@ -66,7 +55,7 @@ def test_enqueue_cuda_graph_capturable():
     """The device-side pointer makes enqueue capturable: replay the graph and check the pointer moved."""
     q = KeyQueue(128, 1000).cuda()
     keys = torch.randn(300, 128, device="cuda")
-    with backend("triton"):
+    with K.backend("triton"):
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):

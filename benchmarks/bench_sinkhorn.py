@@ -4,7 +4,6 @@ Run (needs CUDA; skipped otherwise):
     pytest benchmarks/bench_sinkhorn.py -s
 Shapes: SwAV ImageNet B=256 per GPU, K=3000 prototypes; and a large-batch B=4096, K=3000; 3 iters.
 """
-import contextlib
 
 import pytest
 import torch
@@ -19,23 +18,13 @@ from triton.testing import do_bench  # noqa: E402
 QUANTILES = [0.5, 0.2, 0.8]
 
 
-@contextlib.contextmanager
-def backend(name):
-    old = K.get_backend()
-    K.set_backend(name)
-    try:
-        yield
-    finally:
-        K.set_backend(old)
-
-
 @pytest.mark.parametrize("B", [256, 4096])
 def test_sinkhorn(benchmark, B):
     scores = torch.randn(B, 3000, device="cuda").tanh()
     fn = lambda: sinkhorn(scores)  # noqa: E731
-    with backend("torch"):
+    with K.backend("torch"):
         t_torch = do_bench(fn, quantiles=QUANTILES)
-    with backend("triton"):
+    with K.backend("triton"):
         t_tri = do_bench(fn, quantiles=QUANTILES)
         print(f"\n[{torch.cuda.get_device_name()}] sinkhorn B={B} K=3000 3 iters: triton {t_tri[0] * 1e3:.1f} us "
               f"[{t_tri[1] * 1e3:.1f}, {t_tri[2] * 1e3:.1f}]  torch {t_torch[0] * 1e3:.1f} us  "

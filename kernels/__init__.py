@@ -16,6 +16,7 @@ expose it as ``--kernels {auto,triton,torch}``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -35,6 +36,17 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _backend
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """``with fastcl.kernels.backend("torch"): ...`` runs the block under ``name``, then restores the previous one."""
+    old = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
 
 
 def triton_available() -> bool:

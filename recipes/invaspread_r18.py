@@ -17,7 +17,6 @@ import functools
 import os
 import sys
 
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
@@ -45,10 +44,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def step_lr(peak: float, epochs: int, steps_per_epoch: int, milestones=(0.6,), gamma=0.1) -> np.ndarray:
+def step_lr(peak: float, epochs: int, steps_per_epoch: int, milestones=(0.6,), gamma=0.1):
     """Per-step lr: ``peak`` times ``gamma`` for every milestone (fraction of training) passed."""
-    e = np.arange(epochs * steps_per_epoch) / (steps_per_epoch * epochs)
-    return peak * gamma ** np.searchsorted(np.asarray(milestones), e, side="right")
+    from fastcl.engine.optim import step_schedule
+
+    return step_schedule(peak, epochs, steps_per_epoch, milestones, gamma)
 
 
 def build_method(args):

@@ -25,6 +25,14 @@ def cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int
     return out
 
 
+def step_schedule(peak: float, epochs: int, iters_per_epoch: int, milestones=(0.6, 0.8),
+                  gamma: float = 0.1) -> np.ndarray:
+    """Per-step lr of the step schedules (MoCo v1, InstDisc, InvaSpread, CMC): ``peak`` times ``gamma`` for
+    every milestone (a fraction of training) passed."""
+    t = np.arange(epochs * iters_per_epoch) / (epochs * iters_per_epoch)
+    return peak * gamma ** np.searchsorted(np.asarray(sorted(milestones)), t, side="right")
+
+
 def param_groups(model: nn.Module, weight_decay: float, *, exclude_bias_and_norm: bool = True,
                  **group_kw) -> list[dict]:
     """Split trainable parameters into a decayed group and a no-decay group (biases, norm weights).

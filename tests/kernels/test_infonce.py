@@ -252,3 +252,16 @@ def test_convergence_with_and_without_kernels():
     assert fused[-1] < fused[0]  # it learns
     # same trajectory up to fp32 reassociation, compounded over the SGD steps
     assert max(abs(a - b) for a, b in zip(ref, fused)) < 1e-4, (ref, fused)
+
+
+def test_backend_context_restores_the_previous_backend_even_on_error():
+    old = K.get_backend()
+    with pytest.raises(KeyError):
+        with K.backend("torch"):
+            assert K.get_backend() == "torch"
+            raise KeyError("inside")
+    assert K.get_backend() == old
+    with pytest.raises(ValueError, match="must be one of"):
+        with K.backend("cuda"):
+            pass
+    assert K.get_backend() == old
