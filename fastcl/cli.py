@@ -81,6 +81,10 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", default="auto", choices=["auto", "none", "default", "max-autotune", "reduce-overhead"],
                    help="torch.compile the method's forward and loss (auto: default on CUDA, none on CPU; "
                         "reduce-overhead adds CUDA graphs)")
+    g.add_argument("--grad-ckpt", action="store_true",
+                   help="activation checkpointing: keep only each ViT block's / ResNet or RegNet stage's input and "
+                        "recompute the rest in the backward (less activation memory for one more forward; default: "
+                        "off; EMA teachers need none)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--no-channels-last", action="store_true",
                    help="keep activations in NCHW (default: channels_last, the tensor-core layout)")
@@ -259,7 +263,8 @@ def train_config(args, recipe: str) -> TrainConfig:
         weight_decay_end=args.wd_end, clip_grad=args.clip_grad, amp=args.amp,
         channels_last=not args.no_channels_last, ckpt_every=args.ckpt_every, log_every=args.log_every,
         max_steps=args.max_steps, knn_every=args.knn_every, knn_k=args.knn_k, knn_t=args.knn_t,
-        seed=args.seed, resume=args.resume, zero_stage=args.zero_stage, compile=args.compile, extra=vars(args).copy())
+        seed=args.seed, resume=args.resume, zero_stage=args.zero_stage, compile=args.compile,
+        grad_ckpt=getattr(args, "grad_ckpt", False), extra=vars(args).copy())
 
 
 def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn.Module], spec: AugmentSpec,

@@ -66,6 +66,7 @@ class TrainConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO: 1 partitions the optimizer state, 2 also the gradients; 0 = DDP
     compile: str = "none"  # torch.compile of the method's forward (and so its backward): auto (default on
     #                        CUDA, none on CPU) | none | default | max-autotune | reduce-overhead (CUDA graphs)
+    grad_ckpt: bool = False  # activation checkpointing of the trainable backbones (ViT blocks, ResNet/RegNet stages)
     extra: dict[str, Any] = field(default_factory=dict)  # the recipe's own args, saved with checkpoints
 
 
@@ -76,6 +77,11 @@ class Trainer:
         self.device = dist_info.device
         self.knn_loaders = knn_loaders
         self.method = method.to(self.device)
+        self.grad_ckpt_modules: list[str] = []
+        if cfg.grad_ckpt:  # before any wrapping (DDP, DeepSpeed, compile), so all of them see the checkpointed modules
+            from ..models.checkpointing import enable_grad_checkpointing
+
+            self.grad_ckpt_modules = enable_grad_checkpointing(self.method)
         on_cuda = self.device.type == "cuda"
         if cfg.channels_last and on_cuda:
             self.method.to(memory_format=torch.channels_last)
@@ -307,7 +313,8 @@ class Trainer:
     # Options that may change between a run and its resumption; any other recipe argument defines the run.
     RESUMABLE_CHANGES = frozenset({"out", "resume", "max_steps", "ckpt_every", "log_every", "knn_every", "knn_k",
                                    "knn_t", "knn_samples", "no_knn", "workers", "device", "kernels", "data_backend",
-                                   "amp", "batch_size_given", "min_lr_given", "compile"})
+                                   "amp", "batch_size_given", "min_lr_given", "compile",
+                                   "grad_ckpt"})
 
     def _check_same_run(self, ckpt: dict, path: Path) -> None:
         """Auto-resume finds whatever sits in --out: refuse a checkpoint of another configuration (a different

@@ -137,7 +137,10 @@ def backbone_state_dict(ckpt: Mapping, source: str = "checkpoint") -> tuple[dict
 
 
 def _is_resnet(arch: str) -> bool:
-    return arch.removesuffix("_cifar").startswith("resnet")
+    """A torchvision CNN (ResNet or RegNetY): loads with fc.weight / fc.bias missing."""
+    from ..models.backbones import is_torchvision_cnn
+
+    return is_torchvision_cnn(arch) or arch.removesuffix("_cifar").startswith("resnet")
 
 
 def reference_model(arch: str, sd: Mapping[str, torch.Tensor] | None = None, **model_kwargs) -> nn.Module:
@@ -151,14 +154,12 @@ def reference_model(arch: str, sd: Mapping[str, torch.Tensor] | None = None, **m
     if _is_resnet(arch):
         import torchvision
 
+        from ..models.backbones import is_torchvision_cnn, torchvision_cnn
+
         base = arch.removesuffix("_cifar")
-        if not hasattr(torchvision.models, base):
+        if not is_torchvision_cnn(arch) and not hasattr(torchvision.models, base):
             raise ValueError(f"unknown ResNet {arch!r}")
-        net = getattr(torchvision.models, base)(weights=None)
-        if arch.endswith("_cifar"):
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            net.maxpool = nn.Identity()
-        return net
+        return torchvision_cnn(arch) if is_torchvision_cnn(arch) else getattr(torchvision.models, base)(weights=None)
     import timm
 
     if not timm.is_model(arch):
