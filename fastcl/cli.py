@@ -30,8 +30,13 @@ def base_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="cifar10",
-                   help="'cifar10' (downloaded and cached under $FASTCL_DATA or ~/.cache/fastcl) or an "
-                        "ImageNet-layout folder with train/ and val/ class sub-folders")
+                   help="'cifar10' (downloaded and cached under $FASTCL_DATA or ~/.cache/fastcl), an "
+                        "ImageNet-layout folder with train/ and val/ class sub-folders, or unlabeled images: any "
+                        "other folder (images at any depth) or a text file listing image paths, one per line")
+    g.add_argument("--eval-data", default=None,
+                   help="labeled data for the kNN monitor: 'cifar10' or an ImageNet-layout folder (default: --data "
+                        "when it has labels; unlabeled --data without it gets the label-free monitor: RankMe and "
+                        "the embedding's std)")
     g.add_argument("--data-backend", default="auto", choices=["auto", "gpu", "dali", "torch"],
                    help="augmentation back end (default: auto = gpu for CIFAR-10 on CUDA -- the dataset held and "
                         "augmented on the device --, else DALI when installed, on the GPU or with its CPU operators, "
@@ -70,9 +75,10 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--knn-k", type=int, default=200)
     g.add_argument("--knn-t", type=float, default=0.1)
     g.add_argument("--knn-samples", type=int, default=None,
-                   help="use this many train (and a fifth as many val) images for kNN (0 = all; default: all, "
+                   help="use this many train (and a fifth as many val) images for kNN, or training images for the "
+                        "label-free monitor (0 = all, 25,600 for the label-free one; default: all, "
                         f"{CPU_KNN_SAMPLES} on a CPU)")
-    g.add_argument("--no-knn", action="store_true", help="skip kNN evaluation")
+    g.add_argument("--no-knn", action="store_true", help="skip the kNN (or label-free) monitor")
     g.add_argument("--train-samples", type=int, default=0,
                    help="train on a fixed random subset of this many images (quick tries, tests; 0 = all)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
@@ -146,7 +152,8 @@ def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv=N
     for k, v in presets[preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    missing = [k for k, v in vars(args).items() if v is None and k not in ("wd_end", "out", "knn_samples")]
+    optional = ("wd_end", "out", "knn_samples", "eval_data")
+    missing = [k for k, v in vars(args).items() if v is None and k not in optional]
     if missing:
         parser.error(f"no value for {missing} (not given and not in preset {preset!r})")
     check_args(args)
@@ -204,7 +211,7 @@ def build_knn_loaders(args, dist: DistInfo, size: int):
     from .data import build as data_build
 
     return data_build.build_knn_loaders(args.data, dist, size, knn_samples=args.knn_samples, workers=args.workers,
-                                        backend=args.data_backend)
+                                        backend=args.data_backend, eval_data=getattr(args, "eval_data", None))
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -326,6 +333,9 @@ def resolved_line(args, cfg, loader, trainer) -> str:
         kern = "triton" if trainer.device.type == "cuda" and kernels.triton_available() else "torch"
     amp = {None: "off"}.get(trainer.amp_dtype, str(trainer.amp_dtype).replace("torch.", ""))
     knn = "off" if args.no_knn else (f"{args.knn_samples} train images" if args.knn_samples else "all images")
+    if type(trainer.knn_loaders).__name__ == "LabelFree":  # (unlabeled data, no --eval-data)
+        n = len(trainer.knn_loaders.loader.dataset)
+        knn = f"off (no labels): label-free monitor (RankMe, embedding std) on {n} training images"
     return (f"resolved: data back end {backend} ({args.workers} workers), amp {amp}, kernels {kern}, compile "
             f"{trainer.compile_mode}, device {trainer.device}; batch {cfg.batch_size}, lr {cfg.lr:.4g} "
             f"(= {args.lr:g} x {cfg.batch_size}/256), min lr {cfg.min_lr:.4g}, {trainer.steps_per_epoch} steps/epoch, "

@@ -57,9 +57,9 @@ def step_lr(peak: float, epochs: int, steps_per_epoch: int, milestones, gamma=0.
 def train_set_size(args) -> int:
     if args.data == "cifar10":
         return 50_000  # indices of a --train-samples subset stay below this
-    from fastcl.data.imagefolder import ImageFolderDataset
+    from fastcl.data.build import num_train_samples
 
-    return len(ImageFolderDataset(os.path.join(args.data, "train")))
+    return num_train_samples(args.data)  # (any --data kind)
 
 
 def build_method(args):

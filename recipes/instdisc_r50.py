@@ -56,9 +56,9 @@ def step_lr(peak: float, epochs: int, steps_per_epoch: int, milestones=(0.6, 0.8
 def train_set_size(args) -> int:
     if args.data == "cifar10":
         return 50_000  # dataset indices of every subset (--train-samples) stay below this
-    from fastcl.data.imagefolder import ImageFolderDataset
+    from fastcl.data.build import num_train_samples
 
-    return len(ImageFolderDataset(os.path.join(args.data, "train")))
+    return num_train_samples(args.data)  # (any --data kind)
 
 
 def build_method(args):

@@ -1,7 +1,8 @@
 """The one place that turns (data source, augmentation spec, back end, process) into loaders.
 
-Sources: ``"cifar10"`` (in memory, fetched and cached on first use) or a folder in the ImageNet layout
-(``train/<class>/*``, ``val/<class>/*``). Back ends:
+Sources (``source_kind``): ``"cifar10"`` (in memory, fetched and cached on first use); a folder in the ImageNet
+layout (``train/<class>/*``, ``val/<class>/*``: labeled); any other folder (its images at any depth) or a text
+file listing image paths (``fastcl.data.unlabeled``: no labels). Back ends:
 
 - ``gpu``: the whole in-memory dataset on the training device, views augmented there (``fastcl.data.gpu``);
   for in-memory sources only (CIFAR-10).
@@ -10,8 +11,10 @@ Sources: ``"cifar10"`` (in memory, fetched and cached on first use) or a folder 
 - ``torch``: torchvision transforms in DataLoader workers; the only one taking ``train_samples`` for folders.
 - ``auto``: ``gpu`` for CIFAR-10 on CUDA; else DALI when installed (and no ``train_samples``); else torch.
 
-The kNN monitor's loaders come from here too: device-resident for CIFAR-10 on the ``gpu`` back end, torchvision
-otherwise (the same eval transform, so the same features).
+The monitor's loaders come from here too: kNN on labeled data (the training source, or ``eval_data``):
+device-resident for CIFAR-10 on the ``gpu`` back end, torchvision otherwise (the same eval transform, so the same
+features); on unlabeled data without ``eval_data``, a ``LabelFree`` loader of training images for RankMe and the
+embedding std (``fastcl.eval.rankme``).
 """
 from __future__ import annotations
 
@@ -28,6 +31,31 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "gpu", "dali", "torch")
 IN_MEMORY = ("cifar10",)
+
+
+SOURCE_HELP = ("cifar10, an ImageNet-layout folder (train/<class>/*, val/<class>/*), a folder of images at any depth "
+               "(no labels) or a text file listing image paths")
+
+
+def source_kind(source: str) -> str:
+    """``"memory"`` (CIFAR-10), ``"imagefolder"`` (a folder with ``train/``: labeled), ``"folder"`` (any other
+    folder: its images at any depth, unlabeled) or ``"list"`` (a text file of image paths, unlabeled).
+
+    Raises:
+        FileNotFoundError: ``source`` is neither a known name nor an existing file or folder.
+    """
+    if source in IN_MEMORY:
+        return "memory"
+    path = Path(source)
+    if path.is_dir():
+        return "imagefolder" if (path / "train").is_dir() else "folder"
+    if path.is_file():
+        return "list"
+    raise FileNotFoundError(f"--data {source}: no such file or folder (--data takes {SOURCE_HELP})")
+
+
+def has_labels(source: str) -> bool:
+    return source_kind(source) in ("memory", "imagefolder")
 
 
 def dataset_stats(source: str) -> tuple[tuple, tuple]:
@@ -76,12 +104,33 @@ def subset(ds, k: int):
 
 
 def train_root(source: str) -> Path:
-    """The image folder DALI reads for ``source`` (CIFAR-10: its JPEG copy, written once)."""
+    """The image folder DALI reads for a labeled ``source`` (CIFAR-10: its JPEG copy, written once)."""
     if source == "cifar10":
         from .cifar10 import cifar10_imagefolder
 
         return cifar10_imagefolder() / "train"
     return Path(source) / "train"
+
+
+def train_files(source: str):
+    """What DALI reads for ``source``: the labeled ``train_root`` folder, or the unlabeled dataset (its files)."""
+    if has_labels(source):
+        return train_root(source)
+    from .unlabeled import UnlabeledImageDataset
+
+    return UnlabeledImageDataset(source)
+
+
+def num_train_samples(source: str) -> int:
+    """The number of training samples of ``source`` (dataset indices stay below it: memory banks size with it)."""
+    if source == "cifar10":
+        return 50_000
+    files = train_files(source)
+    if isinstance(files, Path):
+        from .imagefolder import ImageFolderDataset
+
+        files = ImageFolderDataset(files)
+    return len(files)
 
 
 def _arrays(source: str, split: str, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -98,6 +147,13 @@ def dataset(source: str, split: str, transform):
         from .datasets import ArrayDataset
 
         return ArrayDataset(*_arrays(source, split), transform)
+    if source_kind(source) in ("folder", "list"):
+        if split != "train":
+            raise ValueError(f"--data {source} has no labels, so no {split} split: give labeled data for the kNN "
+                             "monitor with --eval-data cifar10|PATH (PATH in the ImageNet layout)")
+        from .unlabeled import UnlabeledImageDataset
+
+        return UnlabeledImageDataset(source, transform)
     from .imagefolder import ImageFolderDataset, find_classes
 
     root, train = Path(source) / split, Path(source) / "train"
@@ -129,7 +185,7 @@ def build_train_loader(source: str, spec: AugmentSpec, backend: str, dist: DistI
     if backend == "dali":
         from .dali import DaliLoader
 
-        return DaliLoader(train_root(source), spec, per_rank, rank=dist.rank, world_size=dist.world_size, seed=seed,
+        return DaliLoader(train_files(source), spec, per_rank, rank=dist.rank, world_size=dist.world_size, seed=seed,
                           num_threads=workers, device=dist.device, channels_last=cl)
     from .loader import TorchLoader
     from .transforms import MultiViewTransform
@@ -139,11 +195,32 @@ def build_train_loader(source: str, spec: AugmentSpec, backend: str, dist: DistI
                        pin_memory=dist.device.type == "cuda", persistent_workers=workers > 0)
 
 
+# Images the label-free monitor embeds when --knn-samples is 0 (all): RankMe's paper evaluates on 25,600.
+LABEL_FREE_SAMPLES = 25_600
+
+
 def build_knn_loaders(source: str, dist: DistInfo, size: int, *, knn_samples: int = 0, workers: int = 2,
-                      backend: str = "auto"):
-    """(train, val) loaders with the eval transform for the kNN monitor: ``knn_samples`` train images (0 = all)
-    and a fifth as many val images. Device-resident when the training data is (the ``gpu`` back end)."""
+                      backend: str = "auto", eval_data: str | None = None):
+    """The monitor's loaders. Labeled data -- ``eval_data`` (``cifar10`` or an ImageNet-layout folder) if given,
+    else ``source`` when it has labels: (train, val) loaders with the eval transform for kNN, ``knn_samples`` train
+    images (0 = all) and a fifth as many val images, device-resident when the training data is (the ``gpu`` back
+    end). Unlabeled ``source`` and no ``eval_data``: ``LabelFree(loader)`` over ``knn_samples`` training images
+    (0: ``LABEL_FREE_SAMPLES``) for RankMe. Images are normalized with the training source's statistics."""
     mean, std = dataset_stats(source)
+    if eval_data is None and not has_labels(source):
+        from ..eval.rankme import LabelFree
+        from .loader import TorchLoader
+        from .transforms import eval_transform
+
+        tf = eval_transform(size, mean, std, resize=int(size * 256 / 224))
+        return LabelFree(TorchLoader(subset(dataset(source, "train", tf), knn_samples or LABEL_FREE_SAMPLES), 256,
+                                     rank=dist.rank, world_size=dist.world_size, shuffle=False, drop_last=False,
+                                     num_workers=workers))
+    if eval_data is not None:
+        if source_kind(eval_data) not in ("memory", "imagefolder"):
+            raise ValueError(f"--eval-data {eval_data}: the kNN monitor needs labels: cifar10 or a folder in the "
+                             "ImageNet layout (train/<class>/*, val/<class>/*)")
+        source = eval_data
     if source in IN_MEMORY and resolve_backend(source, backend, dist.device, workers=workers) == "gpu" and size == 32:
         from .gpu import DeviceEvalLoader
 

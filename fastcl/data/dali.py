@@ -390,7 +390,8 @@ class DaliLoader:
     ``indices`` are int64 CPU tensors of shape ``(B,)``.
 
     Args:
-        root: ImageFolder split directory (``root/<class>/*.jpg``).
+        root: ImageFolder split directory (``root/<class>/*.jpg``), or an ``ImageFileDataset`` whose files and
+            labels to read (``fastcl.data.unlabeled.UnlabeledImageDataset``: a folder at any depth, a file list).
         spec: the augmentation spec.
         batch_size: per-rank batch size.
         rank, world_size, seed, drop_last: sharding, as ``TorchLoader`` (``shard_batches``).
@@ -411,7 +412,7 @@ class DaliLoader:
                  seed: int = 0, num_threads: int = 2, device=None, dtype: torch.dtype = torch.float32,
                  channels_last: bool = False, drop_last: bool = True, decode: str = "auto",
                  validate: str = "header", prefetch_queue_depth: int = 2):
-        from .imagefolder import ImageFolderDataset
+        from .imagefolder import ImageFileDataset, ImageFolderDataset
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -427,7 +428,7 @@ class DaliLoader:
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {device}")
 
-        ds = ImageFolderDataset(root)
+        ds = root if isinstance(root, ImageFileDataset) else ImageFolderDataset(root)
         self.root, self.classes = ds.root, ds.classes
         self.paths = [p for p, _ in ds.samples]
         self.skipped_files = ds.skipped_files  # (not image files: left out by the scan)

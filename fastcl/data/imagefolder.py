@@ -60,6 +60,9 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
+_WARNED: set[tuple] = set()  # the skipped-files warnings given (train and monitor datasets share a scan)
+
+
 class ImageFileDataset(Dataset):
     """Image files with labels; ``dataset[i] -> (transform(img), label, i)``, with the bad-file handling of the
     module docstring. The base of ``ImageFolderDataset`` (class folders) and the unlabeled datasets
@@ -80,7 +83,8 @@ class ImageFileDataset(Dataset):
         self.targets = [y for _, y in self.samples]
         self.num_skipped_files = len(skipped)
         self.skipped_files = list(skipped)
-        if skipped:
+        if skipped and (type(self).__name__, name, len(skipped)) not in _WARNED:  # (once per process and folder)
+            _WARNED.add((type(self).__name__, name, len(skipped)))
             warnings.warn(f"{type(self).__name__}({name!r}): skipped {len(skipped)} non-image file(s), "
                           f"e.g. {', '.join(self.skipped_files[:3])}", stacklevel=3)
         # shared with forked/spawned DataLoader workers: substitutions, and one flag per sample found undecodable

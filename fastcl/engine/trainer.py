@@ -312,7 +312,8 @@ class Trainer:
 
     # Options that may change between a run and its resumption; any other recipe argument defines the run.
     RESUMABLE_CHANGES = frozenset({"out", "resume", "max_steps", "ckpt_every", "log_every", "knn_every", "knn_k",
-                                   "knn_t", "knn_samples", "no_knn", "workers", "device", "kernels", "data_backend",
+                                   "knn_t", "knn_samples", "no_knn", "eval_data", "workers", "device", "kernels",
+                                   "data_backend",
                                    "amp", "batch_size_given", "min_lr_given", "compile",
                                    "grad_ckpt"})
 
@@ -334,9 +335,25 @@ class Trainer:
     def knn(self) -> dict | None:
         if self.knn_loaders is None:
             return None
+        from ..eval.rankme import LabelFree
+
+        if isinstance(self.knn_loaders, LabelFree):  # unlabeled data: RankMe and the embedding's std instead
+            with nvtx_range("label-free monitor"):
+                return self._label_free(self.knn_loaders.loader)
         train_loader, val_loader = self.knn_loaders
         with nvtx_range("knn"):
             return self._knn(train_loader, val_loader)
+
+    def _label_free(self, loader) -> dict:
+        from ..eval.rankme import label_free_eval
+
+        self._sync_norm_stats()
+        res = label_free_eval(self.method.backbone, loader, self.device, self.amp_dtype, progress=self.dist.is_main)
+        self.logger.log({"step": self.step, "epoch": self.epoch, **res})
+        self.logger.print(f"epoch {self.epoch} step {self.step}: RankMe {res['rankme']:.1f} (at most "
+                          f"{res['rankme_max']}), embedding std {res['emb_std']:.4f} (1/sqrt(dim) = "
+                          f"{res['emb_std_ref']:.4f}; 0 = collapsed)")
+        return res
 
     def _knn(self, train_loader, val_loader) -> dict:
         from ..eval.knn import knn_eval
