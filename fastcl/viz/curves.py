@@ -1,13 +1,13 @@
-"""Training curves from ``log.jsonl``: loss, lr, kNN top-1, RankMe (when logged) and img/s against the step and
-against wall-clock minutes, several runs overlaid.
+"""Training curves from ``log.jsonl``: loss, lr, kNN top-1, RankMe and the embedding std (the label-free monitor,
+when logged) and img/s against the step and against wall-clock minutes, several runs overlaid.
 
     python -m fastcl.viz curves runs/mocov2_r50 runs/simclr_r50 [--out DIR]
 
 Every record of ``log.jsonl`` carrying a metric becomes one point of that metric's line (nothing is averaged or
 thinned): training records (``loss``, ``lr``, ``img_per_s``, logged every ``--log-every`` steps), evaluation
-records (``knn_top1``) and any key containing ``rankme``. Wall-clock minutes count from the run's first record
-(``time``, Unix seconds); a log without times gets the step column only. The PNG goes to the run folder (several
-runs: their common parent) or ``--out``, as ``curves.png``.
+records (``knn_top1``; ``rankme`` and ``emb_std`` of the label-free monitor on unlabeled data). Wall-clock
+minutes count from the run's first record (``time``, Unix seconds); a log without times gets the step column
+only. The PNG goes to the run folder (several runs: their common parent) or ``--out``, as ``curves.png``.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from pathlib import Path
 
 __all__ = ["METRICS", "read_log", "read_curves", "curves_figure", "run"]
 
-# (record key, axis label); RankMe keys are found by name (any key containing "rankme")
+# (record key, axis label)
 METRICS = [("loss", "loss"), ("lr", "learning rate"), ("knn_top1", "kNN top-1"), ("rankme", "RankMe"),
-           ("img_per_s", "img/s")]
+           ("emb_std", "embedding std"), ("img_per_s", "img/s")]
 
 
 def read_log(run_dir: str | Path) -> list[dict]:
@@ -51,12 +51,6 @@ def read_log(run_dir: str | Path) -> list[dict]:
     return records
 
 
-def _key_of(metric: str, rec: dict) -> str | None:
-    if metric == "rankme":
-        return next((k for k in rec if "rankme" in k.lower()), None)
-    return metric if metric in rec else None
-
-
 def read_curves(records: list[dict]) -> dict[str, dict[str, list]]:
     """``{metric: {"step": [...], "value": [...], "minutes": [...] or None}}`` for every metric in METRICS that
     some record carries (finite numbers only), in log order: one entry per record."""
@@ -66,8 +60,7 @@ def read_curves(records: list[dict]) -> dict[str, dict[str, list]]:
     for metric, _ in METRICS:
         steps, values, minutes = [], [], []
         for r in records:
-            key = _key_of(metric, r)
-            v = r.get(key) if key else None
+            v = r.get(metric)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 continue
             steps.append(r["step"])

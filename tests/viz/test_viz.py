@@ -274,7 +274,8 @@ def _write_log(run, n_steps=12, every=2, knn_every=4, rankme=True, t0=1_700_000_
         if s % knn_every == 0:
             recs.append({"step": s, "epoch": s // 4, "knn_top1": 0.1 + 0.02 * s, "knn_top5": 0.5, "time": t0 + 3.0 * s + 1})
             if rankme:
-                recs.append({"step": s, "epoch": s // 4, "rankme": 10.0 + s, "time": t0 + 3.0 * s + 2})
+                recs.append({"step": s, "epoch": s // 4, "rankme": 10.0 + s, "rankme_max": 64, "emb_std": 0.1 / s,
+                             "emb_std_ref": 0.125, "time": t0 + 3.0 * s + 2})
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return recs
 
@@ -286,7 +287,7 @@ def test_curves_carry_every_logged_step(tmp_path):
     assert res["png"] == tmp_path / "curves.png" and res["png"].exists()  # the runs' common parent
     fig = curves.curves_figure(res["runs"])
     rows = {ax.get_ylabel(): i for i, ax in enumerate(fig.axes[0::2])}
-    assert list(rows) == ["loss", "learning rate", "kNN top-1", "RankMe", "img/s"]
+    assert list(rows) == ["loss", "learning rate", "kNN top-1", "RankMe", "embedding std", "img/s"]
     for name, recs in (("a", recs_a), ("b", recs_b)):
         t0 = recs[0]["time"]
         for metric, label in curves.METRICS:
