@@ -82,6 +82,9 @@ run_part() {
     "$OUT"/logs/cifar.log "$OUT"/logs/tune_infonce.log 2>/dev/null
   grep -hE "^(FAILED|ERROR)|(passed|failed|error)" "$OUT"/logs/tests_gpu.log 2>/dev/null | tail -30
 } 2>&1 | tee "$OUT/summary.txt"
+# the ratios and floor multiples as a picture, $OUT/bench_ratios.png (python -m fastcl.viz bench)
+ls "$OUT"/logs/bench_*.json >/dev/null 2>&1 &&
+  $PY -m fastcl.viz bench "$OUT"/logs/bench_*.json --out "$OUT" 2>&1 | tee -a "$OUT/summary.txt"
 [ -f "$BENCH_JSON" ] && cp "$BENCH_JSON" "$OUT/bench_steps.jsonl"
 # at most 8 files come back, 2 folders down: the summary, the JSON/PNG results, and the logs as one archive
 [ -d "$OUT/cifar" ] && { cp "$OUT"/cifar/knn_vs_minutes.png "$OUT"/ 2>/dev/null
