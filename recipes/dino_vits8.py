@@ -30,12 +30,14 @@ PRESETS = {
                      min_lr=1e-6, warmup_epochs=10, optimizer="adamw", wd=0.04, wd_end=0.4, clip_grad=0.0,
                      clip_grad_param=3.0, out_dim=65536, norm_last_layer=False, global_crop_size=224,
                      local_crop_size=96, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
-                     local_crops_number=10, blur=True, knn_every=0),
+                     local_crops_number=10, blur=True, knn_every=0, freeze_last_layer=1,
+                     warmup_teacher_temp_epochs=30),
     "cifar": dict(arch="vit_small_patch8_224", patch_size=4, epochs=200, batch_size=512, lr=0.0005,
                   min_lr=1e-6, warmup_epochs=10, optimizer="adamw", wd=0.04, wd_end=0.4, clip_grad=0.0,
                   clip_grad_param=3.0, out_dim=4096, norm_last_layer=True, global_crop_size=32,
                   local_crop_size=16, global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32),
-                  local_crops_number=10, blur=False, knn_every=10),
+                  local_crops_number=10, blur=False, knn_every=10, freeze_last_layer=1,
+                  warmup_teacher_temp_epochs=30),
 }
 
 
@@ -58,10 +60,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="τt at epoch 0 (default: 0.04)")
     g.add_argument("--teacher-temp", type=float, default=0.07,
                    help="τt after the warm-up (default: 0.07; lower it if the loss stalls early)")
-    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="τt warm-up epochs (default: 30)")
+    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=None, help="τt warm-up epochs")
     g.add_argument("--center-momentum", type=float, default=0.9, help="center EMA momentum (default: 0.9)")
-    g.add_argument("--freeze-last-layer", type=int, default=1,
-                   help="epochs without updates of the last layer (default: 1)")
+    g.add_argument("--freeze-last-layer", type=int, default=None,
+                   help="epochs without updates of the last layer (0 under --zero-stage)")
     g.add_argument("--clip-grad-param", type=float, default=None,
                    help="per-parameter grad-norm clip as in DINO, 0 = off; --clip-grad is the engine's global-norm "
                         "clip, 0 in the presets")

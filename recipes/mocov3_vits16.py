@@ -3,7 +3,7 @@
     python recipes/mocov3_vits16.py                              # CIFAR-10, ViT-S with 4x4 patches on 32x32
     python recipes/mocov3_vits16.py --max-steps 50 --knn-samples 2000    # a quick try on a CPU
     torchrun --nproc_per_node=8 --nnodes=4 ... recipes/mocov3_vits16.py --data /path/to/imagenet    # batch 4096
-    ... --arch vit_base_patch16_224 --data /path/to/imagenet    # ViT-B/16 (same settings)
+    (ViT-B/16 and ViT-L/16: recipes/mocov3_vitb16.py, recipes/mocov3_vitl16.py, with this file's code)
 
 ImageNet preset = the paper / moco-v3 CONFIG.md: ViT-S/16 (12 heads, as moco-v3's vit_small), patch
 projection frozen at its random init, fixed 2-D sin-cos position embedding, 3-layer projector and
@@ -25,9 +25,9 @@ from fastcl.data import augment  # noqa: E402
 
 PRESETS = {
     "imagenet": dict(arch="vit_small_patch16_224", epochs=300, batch_size=4096, lr=1.5e-4, warmup_epochs=40,
-                     optimizer="adamw", wd=0.1, clip_grad=0.0, knn_every=0, patch_size=16, mlp_dim=4096),
+                     optimizer="adamw", wd=0.1, clip_grad=0.0, knn_every=0, patch_size=16, mlp_dim=4096, num_heads=12),
     "cifar": dict(arch="vit_small_patch16_224", epochs=200, batch_size=512, lr=1.5e-4, warmup_epochs=20,
-                  optimizer="adamw", wd=0.1, clip_grad=0.0, knn_every=10, patch_size=4, mlp_dim=2048),
+                  optimizer="adamw", wd=0.1, clip_grad=0.0, knn_every=10, patch_size=4, mlp_dim=2048, num_heads=12),
 }
 
 
@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--moco-m", type=float, default=0.99, help="start momentum, cosine to --moco-m-end (default: 0.99)")
     g.add_argument("--moco-m-end", type=float, default=1.0, help="final momentum (default: 1.0; = --moco-m: constant)")
     g.add_argument("--patch-size", type=int, default=None, help="ViT patch size (default: 16 / CIFAR 4)")
-    g.add_argument("--num-heads", type=int, default=12, help="attention heads (default: 12, moco-v3's ViT-S/B)")
+    g.add_argument("--num-heads", type=int, default=None, help="attention heads (moco-v3's ViT-S has 12, timm's 6)")
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth (default: 0)")
     g.add_argument("--crop-min", type=float, default=0.08, help="RandomResizedCrop min scale (default: 0.08)")
     g.add_argument("--crop-size", type=int, default=0, help="view size (default: 0 = 32 on CIFAR-10, 224)")
@@ -59,13 +59,13 @@ def build_method(args):
                   T=args.moco_t, m=args.moco_m, m_end=args.moco_m_end, decay_all=True)
 
 
-def main(argv=None):
-    args = cli.parse_args(get_args_parser(), PRESETS, argv)
+def main(argv=None, presets=PRESETS, recipe="mocov3_vits16"):
+    args = cli.parse_args(get_args_parser(), presets, argv)
     mean, std = cli.dataset_stats(args)
     cifar = args.data == "cifar10"
     spec = augment.byol(args.crop_size or (32 if cifar else 224), mean, std)
     views = tuple(replace(v, scale=(args.crop_min, 1.0), blur_p=0.0 if cifar else v.blur_p) for v in spec.views)
-    return cli.run(args, "mocov3_vits16", build_method, replace(spec, views=views))
+    return cli.run(args, recipe, build_method, replace(spec, views=views))
 
 
 if __name__ == "__main__":
