@@ -334,7 +334,7 @@ def resolved_line(args, cfg, loader, trainer) -> str:
     amp = {None: "off"}.get(trainer.amp_dtype, str(trainer.amp_dtype).replace("torch.", ""))
     knn = "off" if args.no_knn else (f"{args.knn_samples} train images" if args.knn_samples else "all images")
     if type(trainer.knn_loaders).__name__ == "LabelFree":  # (unlabeled data, no --eval-data)
-        n = len(trainer.knn_loaders.loader.dataset)
+        n = trainer.knn_loaders.num_images
         knn = f"off (no labels): label-free monitor (RankMe, embedding std) on {n} training images"
     return (f"resolved: data back end {backend} ({args.workers} workers), amp {amp}, kernels {kern}, compile "
             f"{trainer.compile_mode}, device {trainer.device}; batch {cfg.batch_size}, lr {cfg.lr:.4g} "

@@ -39,13 +39,18 @@ SOURCE_HELP = ("cifar10, an ImageNet-layout folder (train/<class>/*, val/<class>
 
 def source_kind(source: str) -> str:
     """``"memory"`` (CIFAR-10), ``"imagefolder"`` (a folder with ``train/``: labeled), ``"folder"`` (any other
-    folder: its images at any depth, unlabeled) or ``"list"`` (a text file of image paths, unlabeled).
+    folder: its images at any depth, unlabeled), ``"list"`` (a text file of image paths, unlabeled) or ``"shards"``
+    (WebDataset tar shards, ``PATH/shard-{000000..000099}.tar``: no val split, so no kNN without --eval-data).
 
     Raises:
         FileNotFoundError: ``source`` is neither a known name nor an existing file or folder.
     """
     if source in IN_MEMORY:
         return "memory"
+    from .shards import is_shard_source
+
+    if is_shard_source(source):
+        return "shards"
     path = Path(source)
     if path.is_dir():
         return "imagefolder" if (path / "train").is_dir() else "folder"
@@ -79,6 +84,9 @@ def resolve_backend(source: str, backend: str, device: torch.device, train_sampl
         raise ValueError("--data-backend dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
     if backend == "dali" and train_samples:
         raise ValueError("--train-samples works with --data-backend torch or gpu only")
+    if source_kind(source) == "shards" and backend == "dali":
+        raise ValueError(f"--data {source}: tar shards are read by the torchvision back end only for now (DALI's "
+                         "fn.readers.webdataset is not wired yet): use --data-backend torch")
     if backend == "dali" and workers == 0:
         raise ValueError("--data-backend dali needs --workers >= 1 (its CPU threads); --workers 0 is for the "
                          "torchvision back end (--data-backend torch)")
@@ -88,7 +96,8 @@ def resolve_backend(source: str, backend: str, device: torch.device, train_sampl
         return "gpu"
     # DALI whenever installed (GPU decode on CUDA, its CPU operators otherwise: 1.5-2x torchvision's img/s on
     # CIFAR-10 on a 2-core CPU); --train-samples subsets and --workers 0 are torchvision-path settings
-    return "dali" if dali_available() and not train_samples and workers != 0 else "torch"
+    return "dali" if dali_available() and not train_samples and workers != 0 and source_kind(source) != "shards" \
+        else "torch"
 
 
 def _subset_indices(n: int, k: int) -> np.ndarray | None:
@@ -125,6 +134,10 @@ def num_train_samples(source: str) -> int:
     """The number of training samples of ``source`` (dataset indices stay below it: memory banks size with it)."""
     if source == "cifar10":
         return 50_000
+    if source_kind(source) == "shards":
+        from .shards import ShardIndex
+
+        return len(ShardIndex(source))
     files = train_files(source)
     if isinstance(files, Path):
         from .imagefolder import ImageFolderDataset
@@ -190,6 +203,13 @@ def build_train_loader(source: str, spec: AugmentSpec, backend: str, dist: DistI
     from .loader import TorchLoader
     from .transforms import MultiViewTransform
 
+    if source_kind(source) == "shards":
+        if train_samples:
+            raise ValueError("--train-samples does not apply to tar shards (they are streamed); list fewer shards")
+        from .shards import ShardLoader
+
+        return ShardLoader(source, MultiViewTransform(spec), per_rank, rank=dist.rank, world_size=dist.world_size,
+                           seed=seed, num_workers=workers, pin_memory=dist.device.type == "cuda")
     return TorchLoader(subset(dataset(source, "train", MultiViewTransform(spec)), train_samples), per_rank,
                        rank=dist.rank, world_size=dist.world_size, seed=seed, num_workers=workers,
                        pin_memory=dist.device.type == "cuda", persistent_workers=workers > 0)
@@ -213,9 +233,17 @@ def build_knn_loaders(source: str, dist: DistInfo, size: int, *, knn_samples: in
         from .transforms import eval_transform
 
         tf = eval_transform(size, mean, std, resize=int(size * 256 / 224))
-        return LabelFree(TorchLoader(subset(dataset(source, "train", tf), knn_samples or LABEL_FREE_SAMPLES), 256,
-                                     rank=dist.rank, world_size=dist.world_size, shuffle=False, drop_last=False,
-                                     num_workers=workers))
+        if source_kind(source) == "shards":  # the first shards holding the monitor's images, streamed in order
+            from .shards import ShardIndex, ShardLoader
+
+            index = ShardIndex(source).head(knn_samples or LABEL_FREE_SAMPLES)
+            bs = max(1, min(256, len(index) // dist.world_size))
+            sl = ShardLoader(source, tf, bs, rank=dist.rank, world_size=dist.world_size, num_workers=workers,
+                             shuffle_buffer=1, index=index)
+            return LabelFree(sl, len(sl) * bs * dist.world_size)
+        ds = subset(dataset(source, "train", tf), knn_samples or LABEL_FREE_SAMPLES)
+        return LabelFree(TorchLoader(ds, 256, rank=dist.rank, world_size=dist.world_size, shuffle=False,
+                                     drop_last=False, num_workers=workers), len(ds))
     if eval_data is not None:
         if source_kind(eval_data) not in ("memory", "imagefolder"):
             raise ValueError(f"--eval-data {eval_data}: the kNN monitor needs labels: cifar10 or a folder in the "

@@ -32,8 +32,9 @@ RANKME_EPS = 1e-7
 
 class LabelFree(NamedTuple):
     """What the data layer hands the trainer instead of kNN loaders when the data has no labels: one loader
-    ``(images, labels, indices)`` of training images with the evaluation transform."""
+    ``(images, labels, indices)`` of training images with the evaluation transform, and how many it yields."""
     loader: object
+    num_images: int = 0
 
 
 @torch.no_grad()
