@@ -62,7 +62,7 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2],
                    help="DeepSpeed ZeRO under torchrun (default: 0 = off, plain DDP): 1 partitions the optimizer "
                         "state across the processes, 2 also the gradients (stage 3 would partition the parameters, "
-                        "which EMA teachers and checkpoints read whole). Needs deepspeed and --optimizer sgd or adamw")
+                        "which EMA teachers and checkpoints read whole). Needs deepspeed")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output dir for checkpoints and logs (default: runs/<recipe>)")
     g.add_argument("--resume", default="auto",

@@ -29,10 +29,12 @@ from fastcl.data import augment  # noqa: E402
 PRESETS = {
     "imagenet": dict(arch="resnet50", epochs=800, batch_size=4096, lr=0.3, min_lr=0.0048, warmup_epochs=10,
                      optimizer="lars", wd=1e-6, clip_grad=0.0, knn_every=0, queue_length=0, crop_size=224,
-                     local_crop_size=96, n_local=6, blur=True),
+                     local_crop_size=96, n_local=6, blur=True, hidden=2048, dim=128, proj_layers=2, proj_bn=True,
+                     n_prototypes=3000, epsilon=0.05, sinkhorn_iters=3, freeze_prototypes_epochs=1.0),
     "cifar": dict(arch="resnet18_cifar", epochs=200, batch_size=512, lr=0.6, min_lr=0.0012, warmup_epochs=0,
                   optimizer="lars", wd=1e-6, clip_grad=0.0, knn_every=10, queue_length=3840, crop_size=32,
-                  local_crop_size=16, n_local=6, blur=False),
+                  local_crop_size=16, n_local=6, blur=False, hidden=2048, dim=128, proj_layers=2, proj_bn=True,
+                  n_prototypes=3000, epsilon=0.05, sinkhorn_iters=3, freeze_prototypes_epochs=1.0),
 }
 
 
@@ -40,22 +42,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("SwAV", parents=[cli.base_parser()])
     p.set_defaults(min_lr=None)  # from the preset: SwAV decays to lr/1000
     g = p.add_argument_group("SwAV")
-    g.add_argument("--hidden", type=int, default=2048, help="projector hidden width (default: 2048)")
-    g.add_argument("--dim", type=int, default=128, help="projection size (default: 128)")
-    g.add_argument("--n-prototypes", type=int, default=3000, help="K, number of prototypes (default: 3000)")
+    g.add_argument("--hidden", type=int, default=None, help="projector hidden width")
+    g.add_argument("--dim", type=int, default=None, help="projection size")
+    g.add_argument("--proj-layers", type=int, default=None, help="Linear layers of the projector")
+    g.add_argument("--proj-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch norm between the projector's layers")
+    g.add_argument("--n-prototypes", type=int, default=None, help="K, number of prototypes")
     g.add_argument("--temperature", type=float, default=0.1, help="τ of the predictions (default: 0.1)")
-    g.add_argument("--epsilon", type=float, default=0.05,
-                   help="Sinkhorn regularization (default: 0.05; raise it, e.g. 0.03 -> 0.05, if the loss is NaN)")
-    g.add_argument("--sinkhorn-iters", type=int, default=3, help="Sinkhorn iterations (default: 3)")
+    g.add_argument("--epsilon", type=float, default=None,
+                   help="Sinkhorn regularization (raise it, e.g. 0.03 -> 0.05, if the loss is NaN)")
+    g.add_argument("--sinkhorn-iters", type=int, default=None, help="Sinkhorn iterations")
     g.add_argument("--queue-length", type=int, default=None,
                    help="projections queued per assigned crop over all processes, rounded down to a multiple of "
                         "the batch (default: 0 at batch 4096 / 3840 on CIFAR-10; use 3840 for batches <= 256)")
     g.add_argument("--queue-start-epoch", type=int, default=15, help="epoch the queue starts (default: 15)")
-    g.add_argument("--freeze-prototypes-epochs", type=float, default=1.0,
-                   help="epochs with frozen prototypes (default: 1)")
+    g.add_argument("--freeze-prototypes-epochs", type=float, default=None,
+                   help="epochs with frozen prototypes (0 under --zero-stage: ZeRO cannot skip one parameter's update)")
     g.add_argument("--crop-size", type=int, default=None, help="global crop size (default: 224 / 32 on CIFAR-10)")
     g.add_argument("--local-crop-size", type=int, default=None, help="local crop size (default: 96 / 16 on CIFAR-10)")
-    g.add_argument("--n-local", type=int, default=None, help="local crops (default: 6)")
+    g.add_argument("--n-local", type=int, default=None, help="local crops")
     g.add_argument("--blur", type=int, default=None, choices=[0, 1],
                    help="Gaussian blur p=0.5 in the crops (default: 1 / 0 on 32x32 CIFAR-10)")
     g.add_argument("--no-sync-bn", action="store_true",
@@ -73,20 +78,21 @@ def build_method(args):
     method = SwAV(backbone, feat_dim, hidden=args.hidden, dim=args.dim, n_prototypes=args.n_prototypes,
                   temperature=args.temperature, epsilon=args.epsilon, sinkhorn_iters=args.sinkhorn_iters,
                   queue_length=queue, queue_start_epoch=args.queue_start_epoch,
-                  freeze_prototypes_epochs=args.freeze_prototypes_epochs)
+                  freeze_prototypes_epochs=args.freeze_prototypes_epochs, proj_layers=args.proj_layers,
+                  proj_bn=args.proj_bn)
     if torch.distributed.is_initialized() and torch.cuda.is_available() and not args.no_sync_bn:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     return method
 
 
-def main(argv=None):
-    args = cli.parse_args(get_args_parser(), PRESETS, argv)
+def main(argv=None, presets=PRESETS, recipe="swav_r50"):
+    args = cli.parse_args(get_args_parser(), presets, argv)
     mean, std = cli.dataset_stats(args)
     spec = augment.multicrop(args.crop_size, args.local_crop_size, n_local=args.n_local, global_scale=(0.14, 1.0),
                              local_scale=(0.05, 0.14), mean=mean, std=std, asymmetric=False)
     if not args.blur:
         spec = dataclasses.replace(spec, views=tuple(dataclasses.replace(v, blur_p=0.0) for v in spec.views))
-    return cli.run(args, "swav_r50", build_method, spec)
+    return cli.run(args, recipe, build_method, spec)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,11 @@ class LARS(torch.optim.Optimizer):
             raise ValueError(f"LARS lr must be >= 0, got {lr}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       trust_coefficient=trust_coefficient, lars_exclude=False))
+        # ZeRO 1/2 (fastcl.engine.zero): a group's params are one flat shard holding fragments of many parameters;
+        # id(shard) -> (segment id of every shard element: its parameter's index, or n for padding; n). The
+        # per-parameter squared norms are summed per segment and all-reduced, so every fragment gets its whole
+        # parameter's trust ratio.
+        self.zero_segments: dict[int, tuple[torch.Tensor, int]] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -75,7 +80,10 @@ class LARS(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             if group["weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            if not group["lars_exclude"]:
+            seg = self.zero_segments.get(id(params[0])) if len(params) == 1 else None
+            if seg is not None and not group["lars_exclude"]:
+                grads = [grads[0] * self._sharded_trust(params[0], grads[0], *seg, group["trust_coefficient"])]
+            elif not group["lars_exclude"]:
                 p_norm = torch.stack(torch._foreach_norm(params))
                 g_norm = torch.stack(torch._foreach_norm(grads))
                 trust = torch.where((p_norm > 0) & (g_norm > 0),
@@ -96,6 +104,22 @@ class LARS(torch.optim.Optimizer):
                 torch._foreach_add_(list(b_list), list(g_list))
             torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
         return loss
+
+    @staticmethod
+    def _sharded_trust(flat: torch.Tensor, grad: torch.Tensor, seg: torch.Tensor, n: int, eta: float) -> torch.Tensor:
+        """Each element's trust ratio eta * ||w|| / ||g|| of the parameter it belongs to, from a ZeRO shard: squared
+        norms summed per parameter fragment (one index_add each), then over the ranks (one all-reduce of 2 x (n+1)
+        floats), no host sync."""
+        import torch.distributed as dist
+
+        sq = torch.zeros(2, n + 1, dtype=torch.float32, device=flat.device)
+        sq[0].index_add_(0, seg, flat.detach().float().square())
+        sq[1].index_add_(0, seg, grad.float().square())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sq)
+        p_norm, g_norm = sq.sqrt().unbind()
+        trust = torch.where((p_norm > 0) & (g_norm > 0), eta * p_norm / g_norm, torch.ones_like(p_norm))
+        return trust[seg].to(grad.dtype)
 
 
 def build_optimizer(name: str, groups: list[dict], *, lr: float, momentum: float = 0.9,

@@ -19,8 +19,13 @@ What stays the same as the DDP path, and why it is exact:
 
 Not supported, with an error naming the option: stage 3 (it partitions the parameters themselves, which the
 methods read and write outside module forwards: EMA teachers, prototype normalisation, state_dict for
-checkpoints / kNN / export), ``--optimizer lars`` (its per-layer trust ratio needs whole parameters, the
-shard is flat), ``--amp fp16`` (ZeRO with fp32 parameters has no loss scaler).
+checkpoints / kNN / export), ``--amp fp16`` (ZeRO with fp32 parameters has no loss scaler).
+
+LARS: its trust ratio needs each parameter's whole ||w|| and ||g||, and the optimizer sees one flat shard per group
+holding fragments of many parameters (cut anywhere). At set-up every element of the shard is tagged with its
+parameter (DeepSpeed's ``_hp_mapping`` fragment addresses); each step sums squares per tag (``index_add_``) and
+all-reduces the 2 x n sums, so every fragment is scaled by its whole parameter's ratio: the DDP update, up to the
+order of the sums (tests/engine/test_zero_lars.py).
 
 Checkpoints: ``checkpoint.pth`` keeps its usual content (model, position, RNGs, ...) with ``optimizer``
 None and a ``zero`` entry naming a tag; the partitioned optimizer state is a DeepSpeed checkpoint
@@ -59,13 +64,8 @@ def check_zero_options(stage: int, *, optimizer: str, amp: str, world_size: int)
             "prototype normalisation) and the trainer, kNN monitor and backbone export use method.state_dict(); "
             "all of these would silently see empty placeholders. Use --zero-stage 2 (optimizer state and "
             "gradients partitioned)")
-    if optimizer == "lars":
-        raise ValueError(
-            f"--optimizer lars with --zero-stage {stage}: LARS scales each layer by ||w|| / ||g||, but under ZeRO "
-            "the optimizer only sees one flat shard of all parameters of a group; use --optimizer adamw or sgd, "
-            "or drop --zero-stage")
-    if optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"--zero-stage {stage} supports --optimizer sgd and adamw, got {optimizer!r}")
+    if optimizer not in ("sgd", "adamw", "lars"):
+        raise ValueError(f"--zero-stage {stage} supports --optimizer sgd, adamw and lars, got {optimizer!r}")
     if amp == "fp16":
         raise ValueError(f"--amp fp16 with --zero-stage {stage}: ZeRO keeps fp32 parameters here and has no loss "
                          "scaler for an fp16 autocast; use --amp bf16 (or none)")
@@ -130,6 +130,27 @@ class ZeroEngine:
                 a is not b for a, b in zip(real.param_groups, self.groups)):
             raise RuntimeError("DeepSpeed replaced the optimizer's param groups: the trainer's lr / weight-decay "
                                "schedule would not reach the update")
+        from .optim import LARS
+
+        if isinstance(real, LARS):
+            self._link_lars_segments(real)
+
+    def _link_lars_segments(self, lars) -> None:
+        """Tell LARS which parameter each element of its flat shards belongs to (DeepSpeed's own fragment map,
+        ``p._hp_mapping``), once: its step then reduces per-parameter norms over the shards of all ranks."""
+        zo = self.zero_optimizer
+        flats, lps = zo.single_partition_of_fp32_groups, zo.bit16_groups
+        if len(flats) != len(self.groups) or any(
+                len(g["params"]) != 1 or g["params"][0] is not f for g, f in zip(self.groups, flats)):
+            raise RuntimeError("DeepSpeed's flat shards are not the optimizer's parameters: LARS cannot map them")
+        for group, flat, params in zip(self.groups, flats, lps):
+            seg = torch.full((flat.numel(),), len(params), dtype=torch.long, device=flat.device)  # padding: n
+            for j, p in enumerate(params):  # (same order on every rank: the index names the parameter)
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is not None:  # this rank holds a fragment of p
+                    a = mapping.get_hp_fragment_address()
+                    seg[a.start:a.start + a.numel] = j
+            lars.zero_segments[id(flat)] = (seg, len(params))
 
     # ------------------------------------------------------------------ step
     def backward(self, loss: torch.Tensor) -> None:

@@ -45,6 +45,7 @@ class SwAV(Method):
         queue_length: projections kept per crop in S, over all ranks (default 3840; 0 = no queue).
         queue_start_epoch: epoch from which the queue is filled (default 15); it is used once full.
         freeze_prototypes_epochs: prototypes get no update for this many epochs (default 1).
+        proj_layers: Linear layers of the projector (default 2; SEER 3). proj_bn: BN between them (default True).
     Raises:
         ValueError: on a non-positive size, τ, ε or iteration count, a negative queue, or an empty S.
     >>> from fastcl.models import build_backbone
@@ -54,9 +55,11 @@ class SwAV(Method):
     def __init__(self, backbone: nn.Module, feat_dim: int, hidden: int = 2048, dim: int = 128,
                  n_prototypes: int = 3000, temperature: float = 0.1, epsilon: float = 0.05,
                  sinkhorn_iters: int = 3, crops_for_assign: tuple[int, ...] = (0, 1), queue_length: int = 3840,
-                 queue_start_epoch: int = 15, freeze_prototypes_epochs: float = 1.0):
+                 queue_start_epoch: int = 15, freeze_prototypes_epochs: float = 1.0, proj_layers: int = 2,
+                 proj_bn: bool = True):
         super().__init__()
         for name, v in (("feat_dim", feat_dim), ("hidden", hidden), ("dim", dim), ("n_prototypes", n_prototypes),
+                        ("proj_layers", proj_layers),
                         ("temperature", temperature), ("epsilon", epsilon), ("sinkhorn_iters", sinkhorn_iters)):
             if v <= 0:
                 raise ValueError(f"SwAV {name} must be positive, got {v}")
@@ -69,7 +72,8 @@ class SwAV(Method):
         self.crops_for_assign = tuple(crops_for_assign)
         self.queue_start_epoch, self.freeze_prototypes_epochs = queue_start_epoch, freeze_prototypes_epochs
         self.backbone = backbone
-        self.projector = MLPHead([feat_dim, hidden, dim])  # Linear-BN-ReLU-Linear
+        # Linear-BN-ReLU-Linear (SwAV); SEER: 3 Linear layers with ReLU, no BN (VISSL swav_head use_bn False)
+        self.projector = MLPHead([feat_dim] + [hidden] * (proj_layers - 1) + [dim], bn=proj_bn)
         self.prototypes = nn.Linear(dim, n_prototypes, bias=False)  # C: K x dim
         self._normalize_prototypes()
         # per-rank queue of past projections, one per assigned crop: |S| x (L / world) x dim, newest first

@@ -10,6 +10,7 @@ ResNets and RegNetYs come from torchvision (``fc`` replaced by Identity, so expo
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torchvision
 
@@ -28,14 +29,26 @@ def is_torchvision_cnn(name: str) -> bool:
     return base in _RESNETS or base in _REGNETS
 
 
+def _regnet_block_params(base: str):
+    """torchvision's BlockParams of a RegNetY (computed with host tensors, so a model can then be built on the
+    meta device), taken from torchvision's own builder; SEER's 256GF from VISSL's parameters."""
+    from unittest import mock
+
+    from torchvision.models import regnet
+
+    with torch.device("cpu"):
+        if base == "regnet_y_256gf":
+            return regnet.BlockParams.from_init_params(**SEER_REGNET_Y_256GF)
+        with mock.patch.object(regnet, "_regnet", lambda params, weights, progress, **kw: params):
+            return getattr(regnet, base)(weights=None)
+
+
 def torchvision_cnn(name: str, **kw) -> nn.Module:
     """The torchvision ResNet / RegNetY ``name`` (classifier ``fc`` still in place), with the CIFAR stem for
     ``*_cifar``: what ``build_backbone`` trains and what an export loads into."""
     base = name.removesuffix("_cifar")
-    if base == "regnet_y_256gf":
-        from torchvision.models.regnet import BlockParams, RegNet
-
-        net = RegNet(BlockParams.from_init_params(**SEER_REGNET_Y_256GF), **kw)
+    if base in _REGNETS:
+        net = torchvision.models.RegNet(_regnet_block_params(base), **kw)
     else:
         net = getattr(torchvision.models, base)(weights=None, **kw)
     if name.endswith("_cifar"):  # small images: keep resolution in the stem

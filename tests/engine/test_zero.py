@@ -271,7 +271,7 @@ def test_zero_in_one_process_with_the_torchrun_environment(tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(stage=3), "--zero-stage 3 is not supported"),
-    (dict(optimizer="lars"), "--optimizer lars with --zero-stage 2"),
+    (dict(optimizer="lamb"), "--zero-stage 2 supports --optimizer sgd, adamw and lars"),
     (dict(amp="fp16"), "--amp fp16 with --zero-stage 2"),
     (dict(world_size=1), "launch with torchrun"),
 ])
