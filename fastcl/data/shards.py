@@ -122,11 +122,14 @@ class ShardIndex:
         return int(self.sizes.sum())
 
     def head(self, n: int) -> "ShardIndex":
-        """The first shards (listed order) holding at least ``n`` samples (all when fewer)."""
+        """The first ``n`` samples in the listed order (all when fewer): the first shards, the last one cut."""
+        n = min(n, len(self))
         k = int(np.searchsorted(np.cumsum(self.sizes), n)) + 1
         out = object.__new__(ShardIndex)
-        out.source, out.paths, out.shards = self.source, self.paths[:k], self.shards[:k]
-        out.sizes, out.starts, out.has_labels = self.sizes[:k], self.starts[:k], self.has_labels
+        out.source, out.paths, out.shards = self.source, self.paths[:k], [list(s) for s in self.shards[:k]]
+        out.shards[-1] = out.shards[-1][:n - int(self.starts[k - 1])]
+        out.sizes = np.array([len(s) for s in out.shards], np.int64)
+        out.starts, out.has_labels = self.starts[:k], self.has_labels
         return out
 
 
