@@ -19,6 +19,8 @@
 #            FASTCL_STEP_K="mocov2 or dino" selects, FASTCL_BENCH_COMPILE=0 drops the compiled variants)
 #   kernels  the fused kernels against torch and their floors
 #   data     the DALI pipeline's throughput (needs DALI staged)
+#   mem      benchmarks/mem_table.py --device cuda: peak memory of one MoCo v3 / DINO ViT-S/B/L step, bf16, batch 64
+#            at 224 (DINO + 4 local crops), with and without --grad-ckpt (the README's memory table, GPU rows)
 #   tune     benchmarks/tune_infonce.py: every InfoNCE kernel alone over candidate tiles, checked against the
 #            shipped tile and timed (the shipped tiles were chosen from ptxas counts, untimed); $FASTCL_TUNE_BUDGET s
 # Two calls with the CIFAR-10 staging (one chunk each):
@@ -69,9 +71,10 @@ run_part() {
              --benchmark-json "$OUT/logs/bench_kernels.json" ;;
     data) step bench_data "${FASTCL_DATA_LIMIT:-120}" $PYTEST benchmarks/bench_data.py -s -q \
              --benchmark-json "$OUT/logs/bench_data.json" ;;
+    mem) step mem_table "${FASTCL_MEM_LIMIT:-150}" $PY benchmarks/mem_table.py --device cuda --out "$OUT/mem_table.json" ;;
     tune) step tune_infonce "$((${FASTCL_TUNE_BUDGET:-120} + 90))" $PY benchmarks/tune_infonce.py \
              --budget "${FASTCL_TUNE_BUDGET:-120}" --out "$OUT/tune_infonce.json" ;;
-    *) echo "unknown part $1 (tests cifar step kernels data tune)"; return 1 ;;
+    *) echo "unknown part $1 (tests cifar step kernels data mem tune)"; return 1 ;;
   esac
 }
 {
@@ -80,6 +83,7 @@ run_part() {
   echo; echo "== results =="
   grep -hE "^\[|speedup|floor|ratio|projected|img/s|budget|ms/step|cifar_run|shipped|WRONG" "$OUT"/logs/bench_*.log \
     "$OUT"/logs/cifar.log "$OUT"/logs/tune_infonce.log 2>/dev/null
+  grep -hE "^\| (MoCo|DINO)" "$OUT"/logs/mem_table.log 2>/dev/null
   grep -hE "^(FAILED|ERROR)|(passed|failed|error)" "$OUT"/logs/tests_gpu.log 2>/dev/null | tail -30
 } 2>&1 | tee "$OUT/summary.txt"
 # the ratios and floor multiples as a picture, $OUT/bench_ratios.png (python -m fastcl.viz bench)
