@@ -337,7 +337,8 @@ def resolved_line(args, cfg, loader, trainer) -> str:
         n = trainer.knn_loaders.num_images
         knn = f"off (no labels): label-free monitor (RankMe, embedding std) on {n} training images"
     return (f"resolved: data back end {backend} ({args.workers} workers), amp {amp}, kernels {kern}, compile "
-            f"{trainer.compile_mode}, device {trainer.device}; batch {cfg.batch_size}, lr {cfg.lr:.4g} "
+            f"{trainer.compile_mode}{', activation checkpointing' if getattr(args, 'grad_ckpt', False) else ''}, "
+            f"device {trainer.device}; batch {cfg.batch_size}, lr {cfg.lr:.4g} "
             f"(= {args.lr:g} x {cfg.batch_size}/256), min lr {cfg.min_lr:.4g}, {trainer.steps_per_epoch} steps/epoch, "
             f"kNN {knn}")
 

@@ -181,3 +181,15 @@ def test_sigterm_stops_a_run_in_one_line_and_keeps_the_checkpoint(tmp_path):
     assert "Traceback" not in err and "stopped by SIGTERM" in err, err
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
     assert ckpt["position"]["step"] >= 2
+
+
+def test_resolved_line_names_activation_checkpointing():
+    from types import SimpleNamespace as NS
+
+    args = NS(no_knn=True, knn_samples=0, workers=0, lr=0.03, grad_ckpt=True)
+    cfg = NS(batch_size=256, lr=0.03, min_lr=0.0)
+    trainer = NS(device=torch.device("cpu"), amp_dtype=None, knn_loaders=None, compile_mode="none", steps_per_epoch=4)
+    line = cli.resolved_line(args, cfg, object(), trainer)
+    assert "compile none, activation checkpointing, device cpu" in line
+    args.grad_ckpt = False
+    assert "activation checkpointing" not in cli.resolved_line(args, cfg, object(), trainer)
