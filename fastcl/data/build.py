@@ -6,8 +6,8 @@ file listing image paths (``fastcl.data.unlabeled``: no labels). Back ends:
 
 - ``gpu``: the whole in-memory dataset on the training device, views augmented there (``fastcl.data.gpu``);
   for in-memory sources only (CIFAR-10).
-- ``dali``: NVIDIA DALI (GPU decode on CUDA, its CPU operators otherwise), for image folders and CIFAR-10's
-  JPEG copy.
+- ``dali``: NVIDIA DALI (GPU decode on CUDA, its CPU operators otherwise), for image folders, CIFAR-10's
+  JPEG copy and tar shards (``fn.readers.webdataset``: ``fastcl.data.dali.DaliShardLoader``).
 - ``torch``: torchvision transforms in DataLoader workers; the only one taking ``train_samples`` for folders.
 - ``auto``: ``gpu`` for CIFAR-10 on CUDA; else DALI when installed (and no ``train_samples``); else torch.
 
@@ -84,9 +84,6 @@ def resolve_backend(source: str, backend: str, device: torch.device, train_sampl
         raise ValueError("--data-backend dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
     if backend == "dali" and train_samples:
         raise ValueError("--train-samples works with --data-backend torch or gpu only")
-    if source_kind(source) == "shards" and backend == "dali":
-        raise ValueError(f"--data {source}: tar shards are read by the torchvision back end only for now (DALI's "
-                         "fn.readers.webdataset is not wired yet): use --data-backend torch")
     if backend == "dali" and workers == 0:
         raise ValueError("--data-backend dali needs --workers >= 1 (its CPU threads); --workers 0 is for the "
                          "torchvision back end (--data-backend torch)")
@@ -96,8 +93,7 @@ def resolve_backend(source: str, backend: str, device: torch.device, train_sampl
         return "gpu"
     # DALI whenever installed (GPU decode on CUDA, its CPU operators otherwise: 1.5-2x torchvision's img/s on
     # CIFAR-10 on a 2-core CPU); --train-samples subsets and --workers 0 are torchvision-path settings
-    return "dali" if dali_available() and not train_samples and workers != 0 and source_kind(source) != "shards" \
-        else "torch"
+    return "dali" if dali_available() and not train_samples and workers != 0 else "torch"
 
 
 def _subset_indices(n: int, k: int) -> np.ndarray | None:
@@ -195,6 +191,11 @@ def build_train_loader(source: str, spec: AugmentSpec, backend: str, dist: DistI
         return DeviceLoader(images, labels, spec, per_rank, device=dist.device, rank=dist.rank,
                             world_size=dist.world_size, seed=seed, channels_last=cl,
                             out_dtype=torch.bfloat16 if dist.device.type == "cuda" else torch.float32)
+    if backend == "dali" and source_kind(source) == "shards":
+        from .dali import DaliShardLoader
+
+        return DaliShardLoader(source, spec, per_rank, rank=dist.rank, world_size=dist.world_size, seed=seed,
+                               num_threads=workers, device=dist.device, channels_last=cl)
     if backend == "dali":
         from .dali import DaliLoader
 

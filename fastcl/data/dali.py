@@ -79,7 +79,7 @@ import torch
 from .augment import AugmentSpec, ViewSpec
 from .loader import shard_batches
 
-__all__ = ["dali_available", "DaliLoader", "build_pipeline", "check_image_header"]
+__all__ = ["dali_available", "DaliLoader", "DaliShardLoader", "build_pipeline", "check_image_header"]
 
 
 def dali_available() -> bool:
@@ -317,13 +317,16 @@ def _view(encoded, decoded, v: ViewSpec, mixed: bool, out_dtype, layout: str):
 def build_pipeline(spec: AugmentSpec, batch_size: int, source, *, device_id: int | None = None,
                    num_threads: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32,
                    channels_last: bool = False, decode: str = "auto", prefetch_queue_depth: int = 2,
-                   checkpoint: bytes | None = None):
-    """The DALI pipeline for ``spec``: outputs ``(*views, labels, indices)``.
+                   checkpoint: bytes | None = None, reader=None):
+    """The DALI pipeline for ``spec``: outputs ``(*views, labels, indices)``, or ``(*views, *extras)`` with
+    ``reader``.
 
     Args:
         source: batch callable for ``fn.external_source``, returning
             ``(file names as uint8 arrays, labels int64 (B,), indices int64 (B,))``; raises
-            ``StopIteration`` at the end of the epoch.
+            ``StopIteration`` at the end of the epoch. Unused with ``reader``.
+        reader: instead of ``source``, a function called inside the graph that returns
+            ``(encoded images, *extras)`` DALI nodes (a DALI reader: ``DaliShardLoader``).
         device_id: CUDA device (mixed decode + GPU ops) or ``None`` (CPU twin).
         decode: ``"fused"`` = one ROI decode per view (``decoders.image_random_crop``), ``"once"`` =
             one full decode shared by all views, ``"auto"`` = fused on the GPU for <= 2 views, else
@@ -345,14 +348,17 @@ def build_pipeline(spec: AugmentSpec, batch_size: int, source, *, device_id: int
 
     @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
     def pipe():
-        names, labels, indices = fn.external_source(source=source, batch=True, num_outputs=3,
-                                                    dtype=[types.UINT8, types.INT64, types.INT64])
-        encoded = fn.io.file.read(names)
+        if reader is None:
+            names, *extras = fn.external_source(source=source, batch=True, num_outputs=3,
+                                                dtype=[types.UINT8, types.INT64, types.INT64])
+            encoded = fn.io.file.read(names)
+        else:
+            encoded, *extras = reader()
         decoded = None
         if decode == "once":
             decoded = fn.decoders.image(encoded, output_type=types.RGB, **_decoder_args(mixed))
         outs = [_view(encoded, decoded, v, mixed, out_dtype, layout) for v in views]
-        return (*outs, labels, indices)
+        return (*outs, *extras)
 
     return pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                 prefetch_queue_depth=prefetch_queue_depth, checkpoint=checkpoint)
@@ -663,6 +669,195 @@ class DaliLoader:
         j = self._substitute(i)
         self.num_bad_loads = count
         return j
+
+
+class DaliShardLoader:
+    """Tar shards (WebDataset layout, ``fastcl.data.shards``) read by DALI's ``fn.readers.webdataset``, augmented
+    by the graph of ``build_pipeline``; the engine's loader protocol, yielding ``(views, labels, indices)`` as
+    ``DaliLoader`` (``indices``: positions in the listed shards' order, as ``ShardLoader``; labels from ``KEY.cls``,
+    else -1).
+
+    Epochs. One pipeline per epoch, its reader built with ``num_shards=world_size, shard_id=rank``,
+    ``shuffle_after_epoch`` (the tar files in an order drawn from ``seed + epoch``, the same on every rank),
+    ``pad_last_batch`` and ``random_shuffle`` (a buffer of ``shuffle_buffer`` samples, seeded per rank and epoch):
+    rank ``r`` reads the ``r``-th contiguous part of that order (DALI's shards: ``floor(N / world_size)`` or one
+    more samples), never past its end. Each rank takes the first ``len(self) = N // (world_size * batch_size)``
+    batches of its part and the pipeline is dropped: every kept sample exactly once per epoch across ranks, the
+    same number of full batches on every rank; the rest of each part (fewer than ``batch_size + 1`` samples per
+    rank) is skipped that epoch. DALI pads a part past its end by repeating its last sample; those come after the
+    part's samples and are never taken. An epoch is a function of ``(seed, epoch, rank, world_size, batch_size)``
+    only: ``set_epoch(e)`` on a fresh loader yields the samples and the views of epoch ``e`` of any other.
+
+    Mid-epoch resume (``set_epoch(e, k)``): from ``load_state_dict(state)`` -- DALI's checkpoint of the epoch's
+    pipeline (reader position and shuffle buffer, random operators) after the last batch handed out -- when the
+    state is at batch ``k`` of epoch ``e`` (what the engine saves): bit-exact and immediate. Without one, the
+    epoch's pipeline is run through its first ``k`` batches: bit-exact too, at the cost of decoding them (a warning
+    says so).
+
+    Bad input: DALI cannot skip a sample inside a batch and the reader picks the samples, so an undecodable sample
+    stops the run with one error naming the shards; ``--data-backend torch`` (``ShardLoader``) substitutes and
+    reports such samples instead.
+    """
+
+    def __init__(self, source: str, spec: AugmentSpec, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_threads: int = 2, device=None, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False, decode: str = "auto", shuffle_buffer: int = 1024,
+                 prefetch_queue_depth: int = 2, index_cache: str | None = None):
+        from .shards import ShardIndex, dali_index_files
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        _dtype(dtype)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.source, self.index = source, ShardIndex(source)
+        self.index_paths = dali_index_files(self.index, index_cache)
+        # source_info of a sample = "<tar path>:<data offset>:<name>" -> (index, label)
+        self._lookup: dict[tuple[str, int], tuple[int, int]] = {}
+        for s, (path, rows) in enumerate(zip(self.index.paths, self.index.shards)):
+            for r, row in enumerate(rows):
+                self._lookup[(path, row[1])] = (int(self.index.starts[s]) + r, -1 if row[3] is None else row[3])
+        self.spec, self.batch_size = spec, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_threads, self.dtype, self.channels_last = num_threads, dtype, channels_last
+        self.decode, self.prefetch_queue_depth, self.shuffle_buffer = decode, prefetch_queue_depth, shuffle_buffer
+        self.epoch, self.start_batch = 0, 0
+        if len(self) == 0:
+            raise ValueError(f"the training set has {len(self.index)} samples, fewer than one global batch "
+                             f"({world_size} process(es) x {batch_size}): lower --batch-size")
+        self._pipe = None
+        self._pos = (0, 0)  # (epoch, batches handed out) of self._pipe
+        self._restore: dict | None = None
+        self._gen = 0
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def __len__(self) -> int:
+        return len(self.index) // (self.world_size * self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def bad_file_report(self) -> dict:
+        return {"bad_files": [], "skipped_files": []}
+
+    # ---- resume ----
+    def state_dict(self) -> dict:
+        """The position ``(epoch, batches handed out)`` and DALI's checkpoint of the epoch's pipeline there
+        (``None`` at an epoch's end or before the first batch: the next epoch needs no state)."""
+        epoch, batch = self._pos
+        pipeline = None
+        if self._pipe is not None and 0 < batch < len(self):
+            pipeline = self._pipe.checkpoint()
+        elif self._restore is not None:
+            return dict(self._restore)
+        return {"backend": "dali-shards", "epoch": epoch, "batch": batch, "pipeline": pipeline,
+                "batch_size": self.batch_size, "world_size": self.world_size, "device": self.device.type}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Resume from ``state_dict()`` (see the class docstring); another loader's state is ignored with a
+        warning (the resumed epoch is then replayed up to its batch, same samples and views)."""
+        key = ("batch_size", "world_size", "device")
+        if not state or state.get("backend") != "dali-shards" or \
+                tuple(state[k] for k in key) != (self.batch_size, self.world_size, self.device.type):
+            warnings.warn("DaliShardLoader: the checkpoint holds no DALI state for these shards, batch size, world "
+                          "size and device; a resumed epoch is replayed up to its batch (same samples and views, "
+                          "decoded again)", RuntimeWarning, stacklevel=2)
+            return
+        self._discard()
+        self._restore = dict(state)
+
+    # ---- iteration ----
+    def __iter__(self):
+        epoch, k = self.epoch, self.start_batch
+        self.start_batch = 0
+        self._gen += 1
+        gen = self._gen
+        pipe = self._epoch_pipe(epoch, k)
+        n_views = self.spec.num_views
+        for b in range(k, len(self)):
+            if self._gen != gen:
+                raise RuntimeError("DaliShardLoader: this iterator was superseded by a newer iter(loader)")
+            outs = self._run(pipe)
+            views = [self._convert(outs[v]) for v in range(n_views)]
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()  # DALI may recycle its buffers after this point
+            labels, indices = self._labels_indices(outs[n_views])
+            self._pos = (epoch, b + 1)
+            if b + 1 == len(self):
+                self._discard()  # the epoch is done: its pipeline (and the rest of its part) is not needed
+            yield views, labels, indices
+
+    def _epoch_pipe(self, epoch: int, k: int):
+        if self._pipe is not None and self._pos == (epoch, k):
+            return self._pipe  # (an iteration abandoned at batch k, resumed there)
+        self._discard()
+        restore, self._restore = self._restore, None
+        ckpt = restore["pipeline"] if restore and (restore["epoch"], restore["batch"]) == (epoch, k) else None
+        self._pipe = self._build(epoch, ckpt)
+        if ckpt is None and k:
+            warnings.warn(f"DaliShardLoader: no DALI state at batch {k} of epoch {epoch}: running the epoch's "
+                          f"first {k} batches again to reach it", RuntimeWarning, stacklevel=3)
+            for _ in range(k):
+                self._run(self._pipe)
+        self._pos = (epoch, k)
+        return self._pipe
+
+    def _build(self, epoch: int, checkpoint: bytes | None):
+        from nvidia.dali import fn
+        from .imagefolder import IMG_EXTENSIONS
+        exts = ";".join(e.lstrip(".") for e in IMG_EXTENSIONS)
+        shuffle_seed = (self.seed * 1_000_003 + epoch) % (2 ** 31)  # the same on every rank: one order of tars
+        seed = (self.seed * 1_000_003 + self.rank * 7_919 + epoch * 104_729 + 1) % (2 ** 31)
+
+        def reader():
+            enc = fn.readers.webdataset(
+                paths=self.index.paths, index_paths=self.index_paths, ext=[exts], case_sensitive_extensions=False,
+                missing_component_behavior="skip", num_shards=self.world_size, shard_id=self.rank,
+                pad_last_batch=True, shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed,
+                random_shuffle=self.shuffle_buffer > 1, initial_fill=max(1, self.shuffle_buffer), name="shards")
+            return enc, fn.get_property(enc, key="source_info")
+
+        try:
+            pipe = build_pipeline(self.spec, self.batch_size, None, reader=reader,
+                                  device_id=self.device.index if self.device.type == "cuda" else None,
+                                  num_threads=self.num_threads, seed=seed, dtype=self.dtype,
+                                  channels_last=self.channels_last, decode=self.decode,
+                                  prefetch_queue_depth=self.prefetch_queue_depth, checkpoint=checkpoint)
+            pipe.build()
+        except RuntimeError as err:
+            if checkpoint is None:
+                raise
+            warnings.warn(f"DaliShardLoader: the saved DALI state does not fit this pipeline ({_error_cause(err)}); "
+                          "replaying the epoch instead", RuntimeWarning, stacklevel=3)
+            return self._build(epoch, None)
+        return pipe
+
+    def _run(self, pipe):
+        try:
+            return pipe.run()
+        except RuntimeError as err:
+            self._discard()
+            raise RuntimeError(f"--data {self.source}: DALI failed on a sample of the shards ({_error_cause(err)}); "
+                               "--data-backend torch substitutes undecodable samples and reports them") from err
+
+    def _labels_indices(self, info) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, lab = np.empty(len(info), np.int64), np.empty(len(info), np.int64)
+        for i in range(len(info)):
+            path, off, _ = bytes(np.asarray(info[i])).decode().rsplit(":", 2)
+            idx[i], lab[i] = self._lookup[(path, int(off))]
+        return torch.from_numpy(lab), torch.from_numpy(idx)
+
+    def _convert(self, tl) -> torch.Tensor:
+        return DaliLoader._convert(self, tl)
+
+    def _discard(self) -> None:
+        self._pipe = None
 
 
 def _error_cause(err: BaseException) -> str:

@@ -85,8 +85,9 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{d}/{key}" if d else key), ext.lower()
 
 
-def index_shard(path: str) -> list[tuple[str, int, int, int | None]]:
-    """``(key, data offset, size, label)`` of the image samples of one shard, in tar order (headers only)."""
+def index_shard(path: str) -> list[tuple[str, int, int, int | None, str]]:
+    """``(key, data offset, size, label, image member name)`` of the image samples of one shard, in tar order
+    (headers only)."""
     samples: dict[str, list] = {}
     order: list[str] = []
     with tarfile.open(path, "r:") as tar:
@@ -95,10 +96,10 @@ def index_shard(path: str) -> list[tuple[str, int, int, int | None]]:
                 continue
             key, ext = _split_name(m.name)
             if key not in samples:
-                samples[key] = [None, None, None]
+                samples[key] = [None, None, None, None]
                 order.append(key)
             if "." + ext in IMG_EXTENSIONS:
-                samples[key][0], samples[key][1] = m.offset_data, m.size
+                samples[key][0], samples[key][1], samples[key][3] = m.offset_data, m.size, m.name
             elif ext == "cls":
                 tar.fileobj.seek(m.offset_data)
                 samples[key][2] = int(tar.fileobj.read(m.size).decode().strip())
@@ -106,7 +107,7 @@ def index_shard(path: str) -> list[tuple[str, int, int, int | None]]:
 
 
 class ShardIndex:
-    """The samples of a list of shards: per shard its ``(key, offset, size, label)`` rows."""
+    """The samples of a list of shards: per shard its ``(key, offset, size, label, member name)`` rows."""
 
     def __init__(self, source: str):
         self.source = source
@@ -131,6 +132,90 @@ class ShardIndex:
         out.sizes = np.array([len(s) for s in out.shards], np.int64)
         out.starts, out.has_labels = self.starts[:k], self.has_labels
         return out
+
+
+# ============ DALI's index files ============
+
+def dali_index_text(rows: Sequence[tuple]) -> str:
+    """DALI's webdataset index of one shard (the format of its ``wds2idx`` tool, version v1.2): a line
+    ``v1.2 <samples>``, then one line per sample listing its components as ``<ext> <data offset> <size> <name>``.
+    Only the image member is listed: the reader outputs the image, labels come from ``ShardIndex``."""
+    lines = [f"v1.2 {len(rows)}"]
+    for row in rows:
+        name = re.sub(r"\s", "_", row[4])  # (the format splits on whitespace; the name is only informational)
+        lines.append(f"{_split_name(row[4])[1]} {row[1]} {row[2]} {name}")
+    return "\n".join(lines) + "\n"
+
+
+def _index_images(text: str) -> list[tuple[int, int]] | None:
+    """(offset, size) of each sample's image component in a DALI index file, or ``None`` if it is not one."""
+    lines = text.splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit() or len(lines) != int(head[1]) + 1:
+        return None
+    out = []
+    for line in lines[1:]:
+        t = line.split()
+        if len(t) % 4:
+            return None
+        img = [(int(t[i + 1]), int(t[i + 2])) for i in range(0, len(t), 4) if "." + t[i].lower() in IMG_EXTENSIONS]
+        if img:
+            out.append(img[-1])  # (ShardIndex keeps a key's last image member too)
+    return out
+
+
+def _describes(idx_path: Path, rows: Sequence[tuple]) -> bool:
+    try:
+        text = idx_path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return _index_images(text) == [(r[1], r[2]) for r in rows]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def dali_index_files(index: ShardIndex, cache_dir: str | os.PathLike | None = None) -> list[str]:
+    """One DALI index file per shard of ``index`` (``fn.readers.webdataset``'s ``index_paths``): ``<shard>.idx``
+    next to the shard (``shard-000000.idx``) when it describes the shard (written by ``write_shards``, by an earlier
+    run or by DALI's ``wds2idx``); else written there now; else -- a read-only folder, or an ``.idx`` there that
+    describes another version of the shard (left as it is) -- in ``cache_dir`` (default ``$FASTCL_DATA`` or
+    ``~/.cache/fastcl``, under ``wds-index/``), named by a hash of the shard's path, size and mtime."""
+    out = []
+    for path, rows in zip(index.paths, index.shards):
+        target = Path(path).with_suffix(".idx")
+        if _describes(target, rows):
+            out.append(str(target))
+            continue
+        text = dali_index_text(rows)
+        if not target.exists():
+            try:
+                _write_atomic(target, text)
+                out.append(str(target))
+                continue
+            except OSError:
+                pass
+        st = os.stat(path)
+        import hashlib
+
+        tag = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        root = Path(cache_dir or os.environ.get("FASTCL_DATA") or Path.home() / ".cache" / "fastcl") / "wds-index"
+        cached = root / f"{target.stem}-{tag}.idx"
+        if not _describes(cached, rows):
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                _write_atomic(cached, text)
+            except OSError as err:
+                raise OSError(f"--data {index.source}: cannot write DALI's index of {path} next to it nor in "
+                              f"{root} ({err.strerror or err}): set FASTCL_DATA to a writable folder") from None
+        out.append(str(cached))
+    return out
 
 
 # ============ the streaming reader ============
@@ -298,7 +383,7 @@ class ShardLoader:
         n = len(self.index)
         for k in range(n):  # a sample that does not decode: the next one in the listed order (as image folders)
             s2, r2 = self._locate((index + k) % n) if k else (s, r)
-            key, off, size, label = self.index.shards[s2][r2]
+            key, off, size, label = self.index.shards[s2][r2][:4]
             f = handles.get(s2)
             if f is None:
                 f = handles[s2] = open(self.index.paths[s2], "rb")
@@ -338,7 +423,7 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, shard_size: int
                  prefix: str = "shard") -> tuple[str, int, list[str]]:
     """Write ``src``'s images (sorted by path) into ``out/prefix-000000.tar``, ... with ``shard_size`` samples
     each: ``KEY.EXT`` (the file's bytes, extension lower-cased) and with ``labels`` ``KEY.cls`` (the index of the
-    top-level sub-folder, sorted). Returns (the ``--data`` pattern, samples written, skipped non-image files)."""
+    top-level sub-folder, sorted); next to each its DALI index ``prefix-000000.idx`` (``dali_index_text``). Returns (the ``--data`` pattern, samples written, skipped non-image files)."""
     if shard_size <= 0:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
     src, out = Path(src), Path(out)
@@ -373,6 +458,7 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, shard_size: int
                     info.size, info.mode, info.mtime = len(data), 0o644, 0
                     tar.addfile(info, io.BytesIO(data))
         os.replace(tmp, final)
+        _write_atomic(final.with_suffix(".idx"), dali_index_text(index_shard(str(final))))  # (for DALI)
     pattern = str(out / f"{prefix}-{{{0:0{width}d}..{n_shards - 1:0{width}d}}}.tar")
     return pattern, len(files), list(skipped)
 

@@ -154,11 +154,11 @@ def test_recipe_trains_on_a_shard_pattern(shards, tmp_path):
                                     "--batch-size", "8", "--epochs", "1", "--workers", "0", "--out", str(out)])
     result = json.loads((out / "result.json").read_text())
     assert result["step"] == 37 // 8 and 1 <= result["rankme"] <= result["rankme_max"]
-    assert data_build.resolve_backend(pattern, "auto", torch.device("cpu")) == "torch"
+    assert data_build.resolve_backend(pattern, "auto", torch.device("cpu"), workers=0) == "torch"
 
 
 def test_bad_patterns_are_clear_errors(tmp_path, shards):
     with pytest.raises(FileNotFoundError, match=r"3 of 3 shard\(s\) missing, e.g. .*s-000000.tar"):
         expand(str(tmp_path / "s-{000000..000002}.tar"))
-    with pytest.raises(ValueError, match="--data-backend torch"):
-        data_build.resolve_backend(shards[0], "dali", torch.device("cpu"))
+    with pytest.raises(ValueError, match="--data-backend dali needs --workers >= 1"):
+        data_build.resolve_backend(shards[0], "dali", torch.device("cpu"), workers=0)
