@@ -99,7 +99,7 @@ def attention_figure(img, maps: torch.Tensor, masks: torch.Tensor, threshold: fl
     H = maps.shape[0]
     S = img.shape[0]
     extent = (0, S, S, 0)
-    fig, axes = plt.subplots(2, H + 1, figsize=(1.7 * (H + 1), 3.7), squeeze=False)
+    fig, axes = plt.subplots(2, H + 1, figsize=(1.7 * (H + 1), 4.1), squeeze=False)
     shown = (maps / maps.flatten(1).amax(dim=1)[:, None, None]).numpy()  # display normalization, per head
     axes[0, 0].imshow(img)
     axes[0, 0].set_title("image", fontsize=8)
@@ -117,13 +117,13 @@ def attention_figure(img, maps: torch.Tensor, masks: torch.Tensor, threshold: fl
         ax = axes[1, h + 1]
         ax.imshow((img * (0.25 + 0.75 * up[..., None])).astype(np.uint8))
         ax.contour(up.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
-        ax.set_title(f"top {threshold:.0%} mass ({m.mean():.0%} of patches)", fontsize=6)
+        ax.set_title(f"mask: top {threshold:.0%} mass\n({m.mean():.0%} of patches)", fontsize=6)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if title else 1))
     return fig
 
 

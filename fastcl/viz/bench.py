@@ -116,7 +116,7 @@ def bench_figure(rows: list[dict], title: str = ""):
         ax2.legend(fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if title else 1))
     return fig
 
 

@@ -107,7 +107,7 @@ def neighbors_figure(thumbs, idx, sims, labels, classes, title: str = ""):
             ax.set_xticks([])
             ax.set_yticks([])
             name = classes[labels[j]] if classes is not None and labels[j] >= 0 else ""
-            head = "query" if c == 0 else f"{sims[r, c]:.2f}"
+            head = "query" if c == 0 else f"{sims[r, c]:.3f}"
             ax.set_title(f"{head} {name}".strip(), fontsize=6, pad=2,
                          color=("black" if c == 0 or classes is None or labels[j] == labels[q] else "firebrick"))
             if c == 0:
@@ -116,7 +116,7 @@ def neighbors_figure(thumbs, idx, sims, labels, classes, title: str = ""):
                     s.set_linewidth(2)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout(pad=0.3)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.97 if title else 1))
     return fig
 
 
@@ -147,5 +147,5 @@ def run(checkpoint: str | Path, data: str = "cifar10", k: int = 8, queries: int 
                                  f"{'CIFAR-10 train' if data == 'cifar10' else Path(data).name} images (cosine)")
     d = out_dir(out, Path(checkpoint).resolve().parent)
     name = "cifar10" if data == "cifar10" else Path(data).name
-    png = save(fig, d / f"neighbors_{name}.png")
+    png = save(fig, d / f"neighbors_{name}.png", dpi=80)
     return {"png": png, "queries": q, "neighbors": idx, "cosines": sims, "labels": labels, "feats": feats}
