@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
+import multiprocessing.context
 import os
 import re
 import sys
@@ -278,7 +280,8 @@ class ShardLoader:
         self.shuffle_buffer = shuffle_buffer
         self.slots = max(1, num_workers)
         self.epoch, self.start_batch = 0, 0
-        self.bad_files: set[str] = set()  # "shard:key" of samples that did not decode (in this process)
+        # one flag per sample found undecodable, shared with the DataLoader workers (as ImageFileDataset's)
+        self._bad_flags = multiprocessing.Array("b", max(1, len(self.index)), lock=False)
         if len(self) == 0:
             raise ValueError(f"the training set has {len(self.index)} samples, fewer than one global batch "
                              f"({world_size} process(es) x {batch_size}): lower --batch-size")
@@ -382,7 +385,10 @@ class ShardLoader:
 
         n = len(self.index)
         for k in range(n):  # a sample that does not decode: the next one in the listed order (as image folders)
-            s2, r2 = self._locate((index + k) % n) if k else (s, r)
+            j = (index + k) % n
+            if self._bad_flags[j]:  # (found bad before, here or in another worker: not decoded again)
+                continue
+            s2, r2 = self._locate(j) if k else (s, r)
             key, off, size, label = self.index.shards[s2][r2][:4]
             f = handles.get(s2)
             if f is None:
@@ -394,8 +400,8 @@ class ShardLoader:
                 img = img.convert("RGB")
             except _LOAD_ERRORS as err:
                 name = f"{self.index.paths[s2]}:{key}"
-                if name not in self.bad_files:
-                    self.bad_files.add(name)
+                if not self._bad_flags[j]:
+                    self._bad_flags[j] = 1
                     warnings.warn(f"ShardLoader: cannot decode {name} ({type(err).__name__}: {err}); substituting the "
                                   "next sample", RuntimeWarning, stacklevel=2)
                 continue
@@ -407,8 +413,31 @@ class ShardLoader:
         s = int(np.searchsorted(self.index.starts, index, side="right") - 1)
         return s, index - int(self.index.starts[s])
 
+    @property
+    def bad_files(self) -> set[str]:
+        """``"shard:key"`` of the samples found undecodable so far, by this process or its DataLoader workers."""
+        out = set()
+        for j in np.flatnonzero(np.frombuffer(self._bad_flags, np.int8)).tolist():
+            s, r = self._locate(j)
+            out.add(f"{self.index.paths[s]}:{self.index.shards[s][r][0]}")
+        return out
+
     def bad_file_report(self) -> dict:
         return {"bad_files": sorted(self.bad_files), "skipped_files": []}
+
+    # pickling (spawned DataLoader workers keep the shared flags, any other copy starts its own; the DataLoader and
+    # its generator stay behind: a worker only streams samples)
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_loader"] = state["_generator"] = None
+        if multiprocessing.context.get_spawning_popen() is None:
+            state["_bad_flags"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._bad_flags is None:
+            self._bad_flags = multiprocessing.Array("b", max(1, len(self.index)), lock=False)
 
     def __iter__(self):
         self._stream.plan = self._plan(self.epoch, self.start_batch)

@@ -162,3 +162,34 @@ def test_bad_patterns_are_clear_errors(tmp_path, shards):
         expand(str(tmp_path / "s-{000000..000002}.tar"))
     with pytest.raises(ValueError, match="--data-backend dali needs --workers >= 1"):
         data_build.resolve_backend(shards[0], "dali", torch.device("cpu"), workers=0)
+
+
+@pytest.mark.parametrize("workers", [2, 0])
+def test_undecodable_samples_found_in_workers_reach_the_report(tmp_path, workers):
+    """Samples that do not decode in DataLoader workers (bytes that are no image, a truncated JPEG) are substituted
+    and listed by bad_file_report() in the main process -- what result.json's data.bad_files records."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for k in range(12):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(src / f"{k:02d}.jpg")
+    (src / "03.jpg").write_bytes(b"not an image")
+    (src / "07.jpg").write_bytes((src / "06.jpg").read_bytes()[:60])
+    pattern, _, _ = write_shards(src, tmp_path / "s", 5)
+    dl = ShardLoader(pattern, lambda img: torch.from_numpy(np.asarray(img).copy()), 2, num_workers=workers)
+    with pytest.warns(RuntimeWarning, match="cannot decode") if workers == 0 else _no_check():
+        seen = [i for _, _, idx in dl for i in idx.tolist()]
+    assert sorted(seen) == list(range(12))  # substituted, not dropped
+    paths = expand(pattern)
+    assert dl.bad_file_report() == {"bad_files": [f"{paths[0]}:000000003", f"{paths[1]}:000000007"],
+                                    "skipped_files": []}
+    assert data_build.data_report(dl) == {"data": {"num_bad_files": 2, "bad_files": dl.bad_file_report()["bad_files"],
+                                                   "num_skipped_files": 0, "skipped_files": []}}
+
+
+class _no_check:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
