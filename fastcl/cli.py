@@ -242,9 +242,19 @@ def cap_cpu_knn(args, dist: DistInfo) -> None:
     if dist.device.type == "cpu" and not args.no_knn:
         args.knn_samples = CPU_KNN_SAMPLES
         if dist.is_main:
-            print(f"warning: training on the CPU: the kNN monitor embeds {CPU_KNN_SAMPLES} training images (and "
-                  f"{CPU_KNN_SAMPLES // 5} test images), not all; pass --knn-samples 0 for all", file=sys.stderr,
-                  flush=True)
+            from .data.build import LABEL_FREE_SAMPLES, has_labels
+
+            try:  # unlabeled data and no --eval-data: the label-free monitor (a bad --data is reported later)
+                label_free = getattr(args, "eval_data", None) is None and not has_labels(args.data)
+            except (OSError, ValueError):
+                label_free = False
+            if label_free:
+                msg = (f"the label-free monitor (RankMe, embedding std) embeds {CPU_KNN_SAMPLES} training images, not "
+                       f"{LABEL_FREE_SAMPLES:,}; pass --knn-samples 0 for {LABEL_FREE_SAMPLES:,}")
+            else:
+                msg = (f"the kNN monitor embeds {CPU_KNN_SAMPLES} training images (and {CPU_KNN_SAMPLES // 5} test "
+                       "images), not all; pass --knn-samples 0 for all")
+            print(f"warning: training on the CPU: {msg}", file=sys.stderr, flush=True)
 
 
 def cap_cpu_batch(args, dist: DistInfo) -> None:

@@ -245,3 +245,22 @@ def test_bad_data_is_one_error_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert e.value.code == 1 and message.format(tmp=tmp_path) in err and "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [err.splitlines()[-1]]
+
+
+def test_cpu_warning_names_the_monitor_that_runs(flat, capsys):
+    """The CPU cap of --knn-samples names the label-free monitor (RankMe) on unlabeled data without --eval-data
+    (it embeds no test images and 0 means 25,600, not all), the kNN monitor otherwise."""
+    from types import SimpleNamespace
+
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    for data, eval_data, monitor in ((str(flat), None, "label-free"), (str(flat), "cifar10", "kNN"),
+                                     ("cifar10", None, "kNN")):
+        args = SimpleNamespace(knn_samples=None, no_knn=False, data=data, eval_data=eval_data)
+        cli.cap_cpu_knn(args, dist)
+        err = capsys.readouterr().err
+        assert args.knn_samples == cli.CPU_KNN_SAMPLES
+        if monitor == "label-free":
+            assert err.strip() == ("warning: training on the CPU: the label-free monitor (RankMe, embedding std) "
+                                   "embeds 5000 training images, not 25,600; pass --knn-samples 0 for 25,600")
+        else:
+            assert "the kNN monitor embeds 5000 training images (and 1000 test images)" in err and "RankMe" not in err
