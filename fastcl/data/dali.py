@@ -695,8 +695,8 @@ class DaliShardLoader:
     says so).
 
     Bad input: DALI cannot skip a sample inside a batch and the reader picks the samples, so an undecodable sample
-    stops the run with one error naming the shards; ``--data-backend torch`` (``ShardLoader``) substitutes and
-    reports such samples instead.
+    stops the run with one ``ValueError`` naming the shards (one ``error:`` line from the CLI);
+    ``--data-backend torch`` (``ShardLoader``) substitutes and reports such samples instead.
     """
 
     def __init__(self, source: str, spec: AugmentSpec, batch_size: int, *, rank: int = 0, world_size: int = 1,
@@ -843,8 +843,8 @@ class DaliShardLoader:
             return pipe.run()
         except RuntimeError as err:
             self._discard()
-            raise RuntimeError(f"--data {self.source}: DALI failed on a sample of the shards ({_error_cause(err)}); "
-                               "--data-backend torch substitutes undecodable samples and reports them") from err
+            raise ValueError(f"--data {self.source}: DALI cannot decode a sample of the shards ({_error_cause(err)}); "
+                             "--data-backend torch substitutes undecodable samples and lists them") from err
 
     def _labels_indices(self, info) -> tuple[torch.Tensor, torch.Tensor]:
         idx, lab = np.empty(len(info), np.int64), np.empty(len(info), np.int64)

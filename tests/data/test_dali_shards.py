@@ -257,3 +257,21 @@ def test_auto_picks_dali_for_shards_as_for_folders(shards):
     dist = DistInfo(0, 1, 0, cpu)
     loader = data_build.build_train_loader(shards, SPEC, "auto", dist, batch_size=4, workers=1)
     assert isinstance(loader, DaliShardLoader) and len(loader) == 10
+
+
+def test_an_undecodable_sample_is_one_error_line(tmp_path, capsys):
+    from fastcl.cli import main_guard
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(6):
+        Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(src / f"{k}.png")
+    (src / "2.png").write_bytes(b"not an image")
+    pattern, _, _ = write_shards(src, tmp_path / "s", 3)
+    dl = DaliShardLoader(pattern, SPEC, 6, num_threads=1)
+    with pytest.raises(SystemExit) as exc:
+        main_guard(lambda: list(dl))
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: --data {pattern}: DALI cannot decode a sample of the shards (") and \
+        err.endswith("--data-backend torch substitutes undecodable samples and lists them")
