@@ -93,6 +93,28 @@ def test_loss_matches_paper_eq3_float64(n_local, b, K):
     torch.testing.assert_close(dino.center, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_teacher_entropy_is_the_centered_sharpened_teachers_float64():
+    """The label-free collapse signal (issue 12 item 1): the batch mean of H(P_t) = -sum_k P_t log P_t over the
+    global crops' centered, sharpened teacher softmax (0 = one-hot collapse, log K = uniform collapse), returned
+    as a detached 0-dim tensor (read at log steps only: no host sync in the step)."""
+    K = 48
+    dino = tiny_dino(K=K).double()
+    with torch.no_grad():
+        dino.center.copy_(torch.randn(1, K, dtype=torch.float64))
+    views = crops(5, 2, torch.float64)
+    out = dino(views, step(tt=0.05))
+    with torch.no_grad():
+        g_t = torch.cat([head_by_hand(dino.teacher_head, dino.teacher_backbone(v)) for v in views[:2]])
+    ref = 0.0
+    for row in g_t:
+        t = torch.exp((row - dino.center[0]) / 0.05)
+        p = t / t.sum()
+        ref += float(-(p * torch.log(p)).sum()) / len(g_t)
+    h = out["teacher_entropy"]
+    assert h.dim() == 0 and not h.requires_grad and 0 < ref < math.log(K)
+    assert float(h) == pytest.approx(ref, rel=1e-5)
+
+
 def test_head_shape_and_weight_norm():
     head = DINOHead(16, out_dim=40, hidden_dim=32, bottleneck_dim=8)
     x = torch.randn(3, 16)
