@@ -336,7 +336,8 @@ def resolved_line(args, cfg, loader, trainer) -> str:
     the lr actually used (the banner above shows the arguments as given)."""
     from . import kernels
 
-    backend = {"DeviceLoader": "gpu (device-resident)", "DaliLoader": "dali", "TorchLoader": "torchvision"}.get(
+    backend = {"DeviceLoader": "gpu (device-resident)", "DaliLoader": "dali", "TorchLoader": "torchvision",
+               "DaliShardLoader": "dali (tar shards)", "ShardLoader": "torchvision (tar shards)"}.get(
         type(loader).__name__, type(loader).__name__)
     kern = kernels.get_backend()
     if kern == "auto":

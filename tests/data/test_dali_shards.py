@@ -257,6 +257,14 @@ def test_auto_picks_dali_for_shards_as_for_folders(shards):
     dist = DistInfo(0, 1, 0, cpu)
     loader = data_build.build_train_loader(shards, SPEC, "auto", dist, batch_size=4, workers=1)
     assert isinstance(loader, DaliShardLoader) and len(loader) == 10
+    from types import SimpleNamespace as NS
+
+    from fastcl import cli
+
+    trainer = NS(device=cpu, amp_dtype=None, knn_loaders=None, compile_mode="none", steps_per_epoch=10)
+    line = cli.resolved_line(NS(no_knn=True, knn_samples=0, workers=1, lr=0.03, grad_ckpt=False),
+                             NS(batch_size=4, lr=0.03, min_lr=0.0), loader, trainer)
+    assert "data back end dali (tar shards) (1 workers)" in line
 
 
 def test_an_undecodable_sample_is_one_error_line(tmp_path, capsys):
