@@ -40,7 +40,7 @@ def base_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-backend", default="auto", choices=["auto", "gpu", "dali", "torch"],
                    help="augmentation back end (default: auto = gpu for CIFAR-10 on CUDA -- the dataset held and "
                         "augmented on the device --, else DALI when installed, on the GPU or with its CPU operators, "
-                        "else torchvision; --train-samples uses torchvision for folders)")
+                        "else torchvision; --train-samples, --workers 0 and tar shards use torchvision)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading workers / DALI threads per process (default: min(8, cores))")
     g = p.add_argument_group("optimization")

@@ -9,7 +9,8 @@ file listing image paths (``fastcl.data.unlabeled``: no labels). Back ends:
 - ``dali``: NVIDIA DALI (GPU decode on CUDA, its CPU operators otherwise), for image folders, CIFAR-10's
   JPEG copy and tar shards (``fn.readers.webdataset``: ``fastcl.data.dali.DaliShardLoader``).
 - ``torch``: torchvision transforms in DataLoader workers; the only one taking ``train_samples`` for folders.
-- ``auto``: ``gpu`` for CIFAR-10 on CUDA; else DALI when installed (and no ``train_samples``); else torch.
+- ``auto``: ``gpu`` for CIFAR-10 on CUDA; else DALI when installed (and no ``train_samples``, ``workers`` > 0, no tar
+  shards); else torch.
 
 The monitor's loaders come from here too: kNN on labeled data (the training source, or ``eval_data``):
 device-resident for CIFAR-10 on the ``gpu`` back end, torchvision otherwise (the same eval transform, so the same
@@ -92,8 +93,12 @@ def resolve_backend(source: str, backend: str, device: torch.device, train_sampl
     if source in IN_MEMORY and device.type == "cuda":
         return "gpu"
     # DALI whenever installed (GPU decode on CUDA, its CPU operators otherwise: 1.5-2x torchvision's img/s on
-    # CIFAR-10 on a 2-core CPU); --train-samples subsets and --workers 0 are torchvision-path settings
-    return "dali" if dali_available() and not train_samples and workers != 0 else "torch"
+    # CIFAR-10 on a 2-core CPU); --train-samples subsets and --workers 0 are torchvision-path settings. Tar shards
+    # stay on torchvision, which substitutes an undecodable sample; DALI's reader stops the run at one (opt in).
+    from .shards import is_shard_source
+
+    return "dali" if dali_available() and not train_samples and workers != 0 and not is_shard_source(source) \
+        else "torch"
 
 
 def _subset_indices(n: int, k: int) -> np.ndarray | None:

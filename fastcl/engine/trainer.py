@@ -404,7 +404,7 @@ class Trainer:
         cfg = self.cfg
         end_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         bar = Progress(end_step, self.step, enabled=self.dist.is_main)
-        first_step = self.step + 1  # the bar shows the loss from here on (one read, not a log record)
+        first_step, first_loss = self.step + 1, float("nan")  # the bar's loss before the first log step
         tput = Throughput()
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         # the step number on the device, counted there: a torch.tensor(step, device=cuda) per step would be a
@@ -432,6 +432,8 @@ class Trainer:
                 with nvtx_range("forward"), autocast():
                     out = self.model(views, info)
                 loss = out["loss"]
+                if self.step + 1 == first_step and self.dist.is_main:  # one read, in the first step only: the
+                    first_loss = float(loss.detach())  # bar shows a loss from the start (was: from step 10)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_t, bad_step)
                 step_t += 1
                 with nvtx_range("backward"):
@@ -464,8 +466,8 @@ class Trainer:
                         self.log_fn(rec)
                     bar.update(1, loss=f"{rec['loss']:.4f}", lr=f"{info['lr']:.3g}",
                                img_s=f"{rec['img_per_s']:.0f}")
-                elif self.step == first_step and self.dist.is_main:  # one sync, once (was: no loss shown till step 10)
-                    bar.update(1, loss=f"{float(loss.detach()):.4f}", lr=f"{info['lr']:.3g}")
+                elif self.step == first_step and self.dist.is_main:
+                    bar.update(1, loss=f"{first_loss:.4f}", lr=f"{info['lr']:.3g}")
                 else:  # the count and ETA move every step (slow CPU steps); loss etc. need a sync: log steps only
                     bar.update(1)
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 \

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from fastcl.methods.base import Step
 from fastcl.methods.cpc import CPC, ContextNetwork, bn_to_layernorm, patchify
+from fastcl.models import build_backbone
 from recipe_loader import load_recipe
 
 recipe = load_recipe("cpcv2_r50")
@@ -88,7 +89,7 @@ def test_everything_gets_gradients_and_layernorm_encoder():
     cpc = tiny_cpc(directions=4)
     cpc([torch.randn(2, 3, 12, 12)], Step(0, 0, 1, 1, {}))["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cpc.parameters())
-    net = bn_to_layernorm(recipe.build_backbone("resnet18")[0])
+    net = bn_to_layernorm(build_backbone("resnet18")[0])
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     assert sum(isinstance(m, nn.GroupNorm) and m.num_groups == 1 for m in net.modules()) == 20
     assert cpc.backbone(torch.randn(3, 3, 12, 12)).shape == (3, 6)  # mean patch feature

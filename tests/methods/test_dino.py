@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from fastcl.methods.base import Step
 from fastcl.methods.dino import DINO, DINOHead, multicrop_forward
+from fastcl.models import build_backbone
 from recipe_loader import load_recipe
 
 recipe = load_recipe("dino_vits8")
@@ -222,7 +223,7 @@ def test_presets_and_the_headline_model():
     spec = recipe.build_spec(a)
     assert [v.size for v in spec.expanded()] == [32, 32] + [16] * 10 and all(v.blur_p == 0 for v in spec.views)
     # the headline backbone: ViT-S with 4px patches (8x8 tokens at 32px, 4x4 at 16px), drop-path 0.1
-    net, d = recipe.build_backbone(a.arch, img_size=32, patch_size=a.patch_size, drop_path_rate=a.drop_path)
+    net, d = build_backbone(a.arch, img_size=32, patch_size=a.patch_size, drop_path_rate=a.drop_path)
     assert d == 384 and sum(p.numel() for p in net.parameters()) == pytest.approx(21.7e6, rel=0.02)
     assert net.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     with torch.no_grad():
