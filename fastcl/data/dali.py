@@ -77,7 +77,7 @@ import numpy as np
 import torch
 
 from .augment import AugmentSpec, ViewSpec
-from .loader import shard_batches
+from .loader import EpochPosition, shard_batches
 
 __all__ = ["dali_available", "DaliLoader", "DaliShardLoader", "build_pipeline", "check_image_header"]
 
@@ -388,7 +388,7 @@ def _to_torch(tl, device: torch.device, stream=None) -> torch.Tensor:
     return out
 
 
-class DaliLoader:
+class DaliLoader(EpochPosition):
     """DALI multi-view loader with the engine's loader protocol (same as ``TorchLoader``).
 
     Yields ``(views, labels, indices)``: ``views`` is a list of ``(B, 3, size, size)`` tensors in
@@ -472,12 +472,6 @@ class DaliLoader:
         if self.drop_last:
             return n // (ws * bs)
         return -(-len(range(self.rank, n, ws)) // bs)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's permutation; ``start_batch`` skips that many batches of the next iteration."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def epoch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
         """This rank's index batches for ``epoch`` (default: the current one), ignoring ``start_batch``."""
@@ -671,7 +665,7 @@ class DaliLoader:
         return j
 
 
-class DaliShardLoader:
+class DaliShardLoader(EpochPosition):
     """Tar shards (WebDataset layout, ``fastcl.data.shards``) read by DALI's ``fn.readers.webdataset``, augmented
     by the graph of ``build_pipeline``; the engine's loader protocol, yielding ``(views, labels, indices)`` as
     ``DaliLoader`` (``indices``: positions in the listed shards' order, as ``ShardLoader``; labels from ``KEY.cls``,
@@ -737,11 +731,6 @@ class DaliShardLoader:
 
     def __len__(self) -> int:
         return len(self.index) // (self.world_size * self.batch_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def bad_file_report(self) -> dict:
         return {"bad_files": [], "skipped_files": []}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .augment import AugmentSpec
-from .loader import shard_batches
+from .loader import EpochPosition, shard_batches
 
 
 def _to_device(images: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +38,7 @@ def _to_device(images: np.ndarray, labels: np.ndarray, device: torch.device) -> 
             torch.from_numpy(labels.astype(np.int64)).to(device))
 
 
-class DeviceLoader:
+class DeviceLoader(EpochPosition):
     """Training batches of ``spec``'s views, augmented on ``device``.
 
     Args:
@@ -73,11 +73,6 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         return len(self.images) // (self.world_size * self.batch_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def epoch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
         """This rank's index batches for ``epoch`` (default: the current one), as ``TorchLoader``'s."""

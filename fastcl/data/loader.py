@@ -57,6 +57,19 @@ def shard_batches(n: int, batch_size: int, *, rank: int = 0, world_size: int = 1
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+class EpochPosition:
+    """The loader protocol's position, shared by every back end: ``set_epoch(epoch, start_batch)`` selects the
+    epoch's order and skips ``start_batch`` batches of the next iteration (a mid-epoch resume)."""
+
+    epoch: int = 0
+    start_batch: int = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+
 class _BatchSampler:
     """Batch sampler whose batch list the owning TorchLoader sets right before each iteration."""
 
@@ -70,7 +83,7 @@ class _BatchSampler:
         return len(self.batches)
 
 
-class TorchLoader:
+class TorchLoader(EpochPosition):
     """Sharded, resumable loader over a map-style dataset returning ``(x, label, index)``.
 
     Yields ``(views, labels, indices)``: ``views`` is a list of ``(B, C, H, W)`` tensors when the
@@ -119,12 +132,6 @@ class TorchLoader:
             return n // (ws * bs)
         mine = len(range(self.rank, n, ws))
         return -(-mine // bs)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's permutation; ``start_batch`` skips that many batches of the next iteration."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def epoch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
         """This rank's index batches for ``epoch`` (default: the current one), ignoring ``start_batch``."""

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from .imagefolder import IMG_EXTENSIONS, _LOAD_ERRORS, scan_images
+from .loader import EpochPosition
 
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
@@ -261,7 +262,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
                 yield from batch
 
 
-class ShardLoader:
+class ShardLoader(EpochPosition):
     """Streaming loader over tar shards with the engine's loader protocol (module docstring).
 
     Yields ``(views, labels, indices)`` as ``TorchLoader``. ``transform`` runs on the decoded RGB PIL image.
@@ -294,11 +295,6 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return len(self.index) // (self.world_size * self.batch_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def state_dict(self) -> dict:
         return {"backend": "shards", "slots": self.slots}
