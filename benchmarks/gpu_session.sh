@@ -23,10 +23,11 @@
 #            at 224 (DINO + 4 local crops), with and without --grad-ckpt (the README's memory table, GPU rows)
 #   tune     benchmarks/tune_infonce.py: every InfoNCE kernel alone over candidate tiles, checked against the
 #            shipped tile and timed (the shipped tiles were chosen from ptxas counts, untimed); $FASTCL_TUNE_BUDGET s
-# Two calls with the CIFAR-10 staging (one chunk each):
+# Two calls with the CIFAR-10 staging (one chunk each), a third if >= 4 minutes of device time are left:
 #   1. carry [".devdata1"]: mkdir -p /tmp/dd && cp .devdata1/* /tmp/dd/ && FASTCL_COMMIT=<sha> bash benchmarks/gpu_session.sh tests step kernels
 #   2. carry [".devdata2"]: cp .devdata2/* /tmp/dd/ && python3 benchmarks/stage_cifar10.py unpack /tmp/dd --root /tmp/fdata &&
-#      FASTCL_DATA=/tmp/fdata bash benchmarks/gpu_session.sh cifar
+#      FASTCL_DATA=/tmp/fdata FASTCL_CIFAR_RECIPES=mocov2_r50,simclr_r50 FASTCL_CIFAR_BUDGET=170 bash benchmarks/gpu_session.sh cifar mem
+#   3. FASTCL_TUNE_BUDGET=150 bash benchmarks/gpu_session.sh tune   (the InfoNCE tiles, timed: commit the winners)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fastcl-gpu}
@@ -60,6 +61,7 @@ XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${FASTCL_TEST_PROCS:-6}
 run_part() {
   case $1 in
     tests) step tests_gpu "${FASTCL_TESTS_LIMIT:-120}" $PYTEST tests/kernels tests/data/test_dali.py tests/data/test_dali_color.py \
+             tests/data/test_dali_resume.py tests/data/test_dali_shards.py tests/engine/test_grad_ckpt.py \
              -q -rs $XDIST --timeout 90 --junitxml "$OUT/logs/tests_gpu.xml" ;;
     cifar) step cifar "$((${FASTCL_CIFAR_BUDGET:-300} + 30))" $PY benchmarks/cifar_run.py --budget "${FASTCL_CIFAR_BUDGET:-300}" \
              --recipe "${FASTCL_CIFAR_RECIPES:-mocov2_r50}" ${FASTCL_CIFAR_EPOCHS:+--epochs "$FASTCL_CIFAR_EPOCHS"} \
