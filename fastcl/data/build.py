@@ -94,7 +94,8 @@ def resolve_backend(source: str, backend: str, device: torch.device, train_sampl
         return "gpu"
     # DALI whenever installed (GPU decode on CUDA, its CPU operators otherwise: 1.5-2x torchvision's img/s on
     # CIFAR-10 on a 2-core CPU); --train-samples subsets and --workers 0 are torchvision-path settings. Tar shards
-    # stay on torchvision, which substitutes an undecodable sample; DALI's reader stops the run at one (opt in).
+    # stay on torchvision, which decodes every sample itself and substitutes any undecodable one; DALI substitutes
+    # only those its header check finds and stops the run at one that passes it (opt in).
     from .shards import is_shard_source
 
     return "dali" if dali_available() and not train_samples and workers != 0 and not is_shard_source(source) \

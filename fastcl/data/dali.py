@@ -69,6 +69,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
@@ -79,7 +80,8 @@ import torch
 from .augment import AugmentSpec, ViewSpec
 from .loader import EpochPosition, shard_batches
 
-__all__ = ["dali_available", "DaliLoader", "DaliShardLoader", "build_pipeline", "check_image_header"]
+__all__ = ["dali_available", "DaliLoader", "DaliShardLoader", "build_pipeline", "check_image_header",
+           "check_member_header"]
 
 
 def dali_available() -> bool:
@@ -110,6 +112,26 @@ def check_image_header(path: str) -> str | None:
             tail = f.read()
     except OSError as err:
         return f"unreadable ({err.strerror or err})"
+    return _check_encoded(head, tail, size, lambda: _read_all(path))
+
+
+def check_member_header(f, offset: int, size: int) -> str | None:
+    """``check_image_header`` of the ``size`` bytes at ``offset`` of the open binary file ``f`` (a tar member:
+    ``ShardIndex`` rows give both); no decode."""
+    def read(at: int, n: int) -> bytes:
+        f.seek(offset + at)
+        return f.read(n)
+
+    try:
+        head, tail = read(0, min(16, size)), read(max(0, size - _TAIL), min(size, _TAIL))
+        if len(tail) < min(size, _TAIL):
+            return "member cut short (the tar file ends inside it)"
+        return _check_encoded(head, tail, size, lambda: read(0, size))
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+
+
+def _check_encoded(head: bytes, tail: bytes, size: int, read_all) -> str | None:
     if size == 0:
         return "empty file"
     if head.startswith(b"\xff\xd8\xff"):
@@ -117,7 +139,7 @@ def check_image_header(path: str) -> str | None:
             return None
         # some cameras append data after the end marker: search the whole file before calling it truncated (a
         # marker inside, e.g. an EXIF thumbnail's, passes a truncated file here; the decode step catches those)
-        if size > _TAIL and b"\xff\xd9" in _read_all(path):
+        if size > _TAIL and b"\xff\xd9" in read_all():
             return None
         return "JPEG without end-of-image marker (truncated)"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -665,6 +687,9 @@ class DaliLoader(EpochPosition):
         return j
 
 
+_SOURCE_INFO = re.compile(r"(.*?):(\d+):(.*)", re.S)  # fn.readers.webdataset's "<tar path>:<offset>:<name>"
+
+
 class DaliShardLoader(EpochPosition):
     """Tar shards (WebDataset layout, ``fastcl.data.shards``) read by DALI's ``fn.readers.webdataset``, augmented
     by the graph of ``build_pipeline``; the engine's loader protocol, yielding ``(views, labels, indices)`` as
@@ -709,12 +734,10 @@ class DaliShardLoader(EpochPosition):
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.source, self.index = source, ShardIndex(source)
-        self.index_paths = dali_index_files(self.index, index_cache)
-        # source_info of a sample = "<tar path>:<data offset>:<name>" -> (index, label)
-        self._lookup: dict[tuple[str, int], tuple[int, int]] = {}
-        for s, (path, rows) in enumerate(zip(self.index.paths, self.index.shards)):
-            for r, row in enumerate(rows):
-                self._lookup[(path, row[1])] = (int(self.index.starts[s]) + r, -1 if row[3] is None else row[3])
+        self._prescan(rank == 0)
+        self.index_paths = dali_index_files(self.index, index_cache, self._reader_rows)
+        self._read = [s for s, rows in enumerate(self._reader_rows) if rows != []]  # shards the reader reads
+        self._num_read = int(sum(self.index.sizes[s] for s in self._read))
         self.spec, self.batch_size = spec, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_threads, self.dtype, self.channels_last = num_threads, dtype, channels_last
@@ -730,10 +753,50 @@ class DaliShardLoader(EpochPosition):
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def __len__(self) -> int:
-        return len(self.index) // (self.world_size * self.batch_size)
+        return self._num_read // (self.world_size * self.batch_size)
+
+    def _prescan(self, warn: bool) -> None:
+        """Header check of every sample (``check_member_header``: its first 16 and last 4 KiB bytes at the offset
+        the index records, no decode) and the reader's index rows: a flagged sample's line points at the next good
+        sample of its shard, keeping its own member name (DALI reports it in ``source_info``), so its slot gets that
+        sample's pixels and label and its own index; a shard without a good sample is not read (``None``: the
+        shard's own rows, ``[]``: not read)."""
+        self.bad_files: dict[str, str] = {}  # "shard.tar:KEY" -> reason
+        self._reader_rows: list[list[tuple] | None] = []
+        # source_info of a sample = "<tar path>:<data offset>:<name in the index>" -> (index, label)
+        self._lookup: dict[tuple[str, int, str], tuple[int, int]] = {}
+        for s, (path, rows) in enumerate(zip(self.index.paths, self.index.shards)):
+            with open(path, "rb") as f:
+                bad = {r: why for r, row in enumerate(rows) if (why := check_member_header(f, row[1], row[2]))}
+            for r, why in bad.items():
+                name = f"{path}:{rows[r][0]}"
+                self.bad_files[name] = why
+                if warn:
+                    warnings.warn(f"DaliShardLoader: cannot decode {name} ({why}); substituting the next good sample "
+                                  "of its shard", RuntimeWarning, stacklevel=3)
+            if len(bad) == len(rows):
+                self._reader_rows.append([])
+                continue
+            start, out = int(self.index.starts[s]), []
+            for r, row in enumerate(rows):
+                sub = row
+                if r in bad:
+                    sub = rows[next((r + k) % len(rows) for k in range(1, len(rows)) if (r + k) % len(rows) not in bad)]
+                    row = (row[0], sub[1], sub[2], sub[3], row[4])
+                out.append(row)
+                self._lookup[(path, row[1], re.sub(r"\s", "_", row[4]))] = (start + r, -1 if sub[3] is None else sub[3])
+            self._reader_rows.append(out if bad else None)
+        if all(rows == [] for rows in self._reader_rows):
+            raise ValueError(f"--data {self.source}: no decodable image in the shards ({len(self.bad_files)} "
+                             "undecodable sample(s))")
+
+    @property
+    def num_bad_files(self) -> int:
+        return len(self.bad_files)
 
     def bad_file_report(self) -> dict:
-        return {"bad_files": [], "skipped_files": []}
+        """``{"bad_files": sorted "shard.tar:KEY" of the undecodable samples, "skipped_files": []}``."""
+        return {"bad_files": sorted(self.bad_files), "skipped_files": []}
 
     # ---- resume ----
     def state_dict(self) -> dict:
@@ -806,7 +869,7 @@ class DaliShardLoader(EpochPosition):
 
         def reader():
             enc = fn.readers.webdataset(
-                paths=self.index.paths, index_paths=self.index_paths, ext=[exts], case_sensitive_extensions=False,
+                paths=[self.index.paths[s] for s in self._read], index_paths=[self.index_paths[s] for s in self._read], ext=[exts], case_sensitive_extensions=False,
                 missing_component_behavior="skip", num_shards=self.world_size, shard_id=self.rank,
                 pad_last_batch=True, shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed,
                 random_shuffle=self.shuffle_buffer > 1, initial_fill=max(1, self.shuffle_buffer), name="shards")
@@ -833,13 +896,14 @@ class DaliShardLoader(EpochPosition):
         except RuntimeError as err:
             self._discard()
             raise ValueError(f"--data {self.source}: DALI cannot decode a sample of the shards ({_error_cause(err)}); "
-                             "--data-backend torch substitutes undecodable samples and lists them") from err
+                             "its header passed the check; --data-backend torch substitutes undecodable samples and "
+                             "lists them") from err
 
     def _labels_indices(self, info) -> tuple[torch.Tensor, torch.Tensor]:
         idx, lab = np.empty(len(info), np.int64), np.empty(len(info), np.int64)
         for i in range(len(info)):
-            path, off, _ = bytes(np.asarray(info[i])).decode().rsplit(":", 2)
-            idx[i], lab[i] = self._lookup[(path, int(off))]
+            path, off, name = _SOURCE_INFO.fullmatch(bytes(np.asarray(info[i])).decode()).groups()
+            idx[i], lab[i] = self._lookup[(path, int(off), name)]
         return torch.from_numpy(lab), torch.from_numpy(idx)
 
     def _convert(self, tl) -> torch.Tensor:

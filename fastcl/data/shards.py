@@ -184,20 +184,28 @@ def _write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def dali_index_files(index: ShardIndex, cache_dir: str | os.PathLike | None = None) -> list[str]:
+def dali_index_files(index: ShardIndex, cache_dir: str | os.PathLike | None = None,
+                     rows: Sequence[Sequence[tuple] | None] | None = None) -> list[str]:
     """One DALI index file per shard of ``index`` (``fn.readers.webdataset``'s ``index_paths``): ``<shard>.idx``
     next to the shard (``shard-000000.idx``) when it describes the shard (written by ``write_shards``, by an earlier
     run or by DALI's ``wds2idx``); else written there now; else -- a read-only folder, or an ``.idx`` there that
     describes another version of the shard (left as it is) -- in ``cache_dir`` (default ``$FASTCL_DATA`` or
-    ``~/.cache/fastcl``, under ``wds-index/``), named by a hash of the shard's path, size and mtime."""
+    ``~/.cache/fastcl``, under ``wds-index/``), named by a hash of the shard's path, size and mtime.
+
+    ``rows[s]`` (when given and not ``None``) replaces shard ``s``'s rows: an index that is not the shard's own (an
+    undecodable sample's line pointing at another sample, ``DaliShardLoader``) is only written in ``cache_dir``,
+    its name hashing its text too: the shard's own ``.idx`` stays as it is."""
     out = []
-    for path, rows in zip(index.paths, index.shards):
+    for s, (path, shard_rows) in enumerate(zip(index.paths, index.shards)):
+        own = rows is None or rows[s] is None
+        if not own:
+            shard_rows = rows[s]
         target = Path(path).with_suffix(".idx")
-        if _describes(target, rows):
+        if own and _describes(target, shard_rows):
             out.append(str(target))
             continue
-        text = dali_index_text(rows)
-        if not target.exists():
+        text = dali_index_text(shard_rows)
+        if own and not target.exists():
             try:
                 _write_atomic(target, text)
                 out.append(str(target))
@@ -207,10 +215,11 @@ def dali_index_files(index: ShardIndex, cache_dir: str | os.PathLike | None = No
         st = os.stat(path)
         import hashlib
 
-        tag = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        tag = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}" + ("" if own else "\n" + text)
+        tag = hashlib.sha1(tag.encode()).hexdigest()[:16]
         root = Path(cache_dir or os.environ.get("FASTCL_DATA") or Path.home() / ".cache" / "fastcl") / "wds-index"
         cached = root / f"{target.stem}-{tag}.idx"
-        if not _describes(cached, rows):
+        if not _describes(cached, shard_rows):
             try:
                 root.mkdir(parents=True, exist_ok=True)
                 _write_atomic(cached, text)

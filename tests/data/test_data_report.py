@@ -68,3 +68,25 @@ def test_result_json_names_and_counts_bad_and_skipped_files(dirty, tmp_path, bac
     data = json.loads((out / "result.json").read_text())["data"]
     assert data == {"num_bad_files": 2, "bad_files": sorted(str(dirty / "train" / b) for b in BAD),
                     "num_skipped_files": 2, "skipped_files": sorted(str(dirty / "train" / s) for s in SKIPPED)}
+
+
+@pytest.mark.parametrize("backend,workers", [("torch", "2"), ("dali", "1")])
+def test_result_json_names_undecodable_shard_samples_as_shard_and_key(dirty, tmp_path, backend, workers):
+    """The same images as tar shards: both shard readers train through the truncated and the garbage JPEG and list
+    them as ``shard.tar:KEY`` (DALI: flagged from their header bytes when the index is read, never decoded)."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    from fastcl.data.shards import write_shards
+
+    with pytest.warns(UserWarning, match="skipped 2 non-image"):
+        samples = ImageFolderDataset(dirty / "train").samples
+    pattern, n, _ = write_shards(dirty / "train", tmp_path / "shards", 6, labels=True)
+    assert n == 16
+    keys = [i for i, (path, _) in enumerate(samples) if any(path.endswith(b) for b in BAD)]
+    bad = sorted(f"{tmp_path / 'shards'}/shard-{i // 6:06d}.tar:{i:09d}" for i in keys)
+    out = tmp_path / "run"
+    load_recipe("mocov2_r50").main(["--data", pattern, "--preset", "cifar", "--arch", "resnet18_cifar",
+                                    "--data-backend", backend, "--workers", workers, "--batch-size", "8",
+                                    "--epochs", "2", "--no-knn", "--out", str(out)])
+    data = json.loads((out / "result.json").read_text())["data"]
+    assert data == {"num_bad_files": 2, "bad_files": bad, "num_skipped_files": 0, "skipped_files": []}
