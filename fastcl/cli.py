@@ -327,7 +327,9 @@ def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn
         shown = {k: v for k, v in result.items() if k != "data"}
         print(f"done: {json.dumps(shown)}{files}; backbone weights in {out / 'backbone.pth'}", flush=True)
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        from .engine.distributed import shutdown_distributed
+
+        shutdown_distributed()
     return result
 
 

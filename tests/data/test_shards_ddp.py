@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from fastcl.engine.distributed import shutdown_distributed
 from fastcl.data import augment
 from fastcl.data import build as data_build
 from fastcl.data.shards import write_shards
@@ -66,7 +67,7 @@ def _rank_main(rank, world, port, pattern, backend, out):
         with open(out, "w") as f:
             json.dump({"type": type(loader).__name__, "epochs": epochs}, f)
     dist.barrier()
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastcl.engine.distributed import shutdown_distributed
 from fastcl.engine import NonFiniteLossError, TrainConfig, Trainer
 from fastcl.engine.distributed import DistInfo, init_distributed
 from fastcl.engine.optim import LARS, cosine_schedule
@@ -304,7 +305,7 @@ def _ddp_worker(rank, world, port, out_dir, result_path):
     t.fit()
     if rank == 0:
         torch.save(t.method.state_dict(), result_path)
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
@@ -362,7 +363,7 @@ def _ddp_agreement_worker(rank, world, port, out_dir):
                 dataclasses.replace(cfg, out_dir=os.path.join(out_dir, "bn")), dist_info)
     t.fit()  # ends with a checkpoint: the statistics are synchronised for it
     torch.save({"start": start, "error": error, "bn": t.method.norm.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 def test_ddp_ranks_start_equal_and_stop_together_on_one_ranks_nan(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from fastcl.engine.distributed import shutdown_distributed
 from fastcl.engine import TrainConfig, Trainer
 from fastcl.engine.distributed import init_distributed
 
@@ -80,7 +81,7 @@ def _worker(phase: str, out: Path) -> None:
         res["resumed"] = train("zero2_ckpt_cut", grad_ckpt=True, zero_stage=2, resume="auto")
     if rank == 0:
         torch.save(res, out / f"{phase}.pt")
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def _launch(phase: str, out: Path) -> dict:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from test_zero import Loader, Toy, _cfg, _close, _differs, _launch as _zero_launch  # noqa: E402
 
+from fastcl.engine.distributed import shutdown_distributed
 from fastcl.engine import Trainer  # noqa: E402
 from fastcl.engine.distributed import init_distributed  # noqa: E402
 from fastcl.engine.optim import LARS  # noqa: E402
@@ -71,7 +72,7 @@ def _worker(phase: str, out: Path) -> None:
            "ddp_sgd": train("ddp_sgd", optimizer="sgd", lr=0.5), "zero2_naive": train("zero2_naive", zero_stage=2)}
     if rank == 0:
         torch.save(res, out / f"{phase}.pt")
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 @pytest.mark.slow
