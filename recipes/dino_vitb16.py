@@ -1,8 +1,7 @@
 """DINO, ViT-B/16 (Caron et al. 2021, https://arxiv.org/abs/2104.14294), 400 epochs.
 
     torchrun recipes/dino_vitb16.py                             # CIFAR-10, ViT-B with 8px patches on 32px crops
-    torchrun --nproc_per_node=8 recipes/dino_vitb16.py --data /path/to/imagenet --zero-stage 2 --grad-ckpt \\
-        --freeze-last-layer 0                                   # (ZeRO cannot skip one parameter's update)
+    torchrun --nproc_per_node=8 recipes/dino_vitb16.py --data /path/to/imagenet --zero-stage 2 --grad-ckpt
 
 The same recipe as ``dino_vits8.py`` (arguments, augmentation, method: see there) with ViT-B/16 presets. DINO
 released ViT-B/16 (400 epochs, 78.2% linear, 76.1% k-NN) and ViT-B/8 (300 epochs, 80.1% linear); this recipe

@@ -63,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-teacher-temp-epochs", type=int, default=None, help="τt warm-up epochs")
     g.add_argument("--center-momentum", type=float, default=0.9, help="center EMA momentum (default: 0.9)")
     g.add_argument("--freeze-last-layer", type=int, default=None,
-                   help="epochs without updates of the last layer (0 under --zero-stage)")
+                   help="epochs without updates of the last layer (no decay, no AdamW moments either)")
     g.add_argument("--clip-grad-param", type=float, default=None,
                    help="per-parameter grad-norm clip as in DINO, 0 = off; --clip-grad is the engine's global-norm "
                         "clip, 0 in the presets")

@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the batch (default: 0 at batch 4096 / 3840 on CIFAR-10; use 3840 for batches <= 256)")
     g.add_argument("--queue-start-epoch", type=int, default=15, help="epoch the queue starts (default: 15)")
     g.add_argument("--freeze-prototypes-epochs", type=float, default=None,
-                   help="epochs with frozen prototypes (0 under --zero-stage: ZeRO cannot skip one parameter's update)")
+                   help="epochs with frozen prototypes: no update, no decay, no momentum")
     g.add_argument("--crop-size", type=int, default=None, help="global crop size (default: 224 / 32 on CIFAR-10)")
     g.add_argument("--local-crop-size", type=int, default=None, help="local crop size (default: 96 / 16 on CIFAR-10)")
     g.add_argument("--n-local", type=int, default=None, help="local crops")

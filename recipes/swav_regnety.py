@@ -19,8 +19,8 @@ public configs state them. ImageNet preset:
     to lr/1000, synchronized BN, mixed precision, activation checkpointing.
   * not SEER's: the data (SEER: 1 B random Instagram images, one pass) -- this preset trains 100 epochs on the
     folder given (ImageNet layout or, once the unlabeled data layer lands, any images); the prototype freeze
-    is 0 (SEER's base SwAV config froze them for its first 313 iterations; --freeze-prototypes-epochs N
-    without ZeRO).
+    is 0 (SEER's base SwAV config froze them for its first 313 iterations; --freeze-prototypes-epochs N, under
+    ZeRO too).
 CIFAR-10 preset: swav_r50's (2x32 + 6x16 crops without blur, LARS 0.6 x batch/256, a 3,840 queue from epoch 15,
 batch 512, 200 epochs) with RegNetY-400MF (3x3 stride-1 stem).
 """

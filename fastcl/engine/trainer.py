@@ -96,6 +96,10 @@ class Trainer:
             check_zero_options(cfg.zero_stage, optimizer=cfg.optimizer, amp=amp, world_size=dist_info.world_size)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         groups = self.method.param_groups(cfg.weight_decay)
+        if cfg.zero_stage:  # a skipped update must leave whole flat shards out
+            from .zero import isolate_skippable
+
+            groups = isolate_skippable(groups, self.method.skippable_parameters())
         for g in groups:
             g["base_wd"] = g["weight_decay"]
         self.optimizer = build_optimizer(cfg.optimizer, groups, lr=cfg.lr, momentum=cfg.momentum,

@@ -11,9 +11,15 @@ What stays the same as the DDP path, and why it is exact:
   * gradient hooks: after ``engine.backward`` the averaged gradients live only as shards. A method that
     overrides ``before_optimizer_step`` (DINO's per-parameter clip) gets the full averaged gradients back
     in ``p.grad`` (``deepspeed.utils.safe_get_full_grad``), and what it leaves there is written back into
-    the shards (``safe_set_full_grad``). A hook that sets ``p.grad = None`` to skip a parameter's update
-    cannot be honoured (the torch optimizer steps the whole shard, with one AdamW step count) and stops
-    the run with a ValueError instead of training something else.
+    the shards (``safe_set_full_grad``).
+  * skipped updates (DINO's ``--freeze-last-layer``, SwAV's prototype freeze): a hook sets ``p.grad = None`` and
+    DDP's optimizer then leaves ``p`` alone -- no decay, no momentum, no step count. The torch optimizer under
+    ZeRO steps whole flat shards, one per param group, so the parameters a method declares skippable
+    (``Method.skippable_parameters``) get groups of their own (``isolate_skippable``); a step that skips all of
+    a group's parameters gives them zero gradients (so the global clip norm is DDP's), runs the group at lr 0
+    (an exact no-op for SGD, AdamW and LARS) and then drops the group's optimizer state, so its first real
+    step starts from fresh state as DDP's does. A skip of anything else stops the run with a ValueError
+    naming the parameters instead of training something else.
   * global-norm clip (``--clip-grad``) is DeepSpeed's ``gradient_clipping``: same formula as
     ``clip_grad_norm_``, applied after the hook as in the DDP path.
 
@@ -97,6 +103,20 @@ def ds_config(stage: int, *, batch_size: int, world_size: int, clip_grad: float)
     }
 
 
+def isolate_skippable(groups: list[dict], skippable) -> list[dict]:
+    """``groups`` with each group that holds skippable parameters split in two: the others, and those (same
+    settings, ``skippable=True``); empty groups dropped. Under ZeRO a group is one flat shard that the optimizer
+    steps whole: a skip can only leave out whole groups."""
+    ids = {id(p) for p in skippable}
+    out = []
+    for g in groups:
+        rest = [p for p in g["params"] if id(p) not in ids]
+        skip = [p for p in g["params"] if id(p) in ids]
+        out += [{**g, "params": rest}] if rest else []
+        out += [{**g, "params": skip, "skippable": True}] if skip else []
+    return out
+
+
 def _keep_module(src, dst) -> None:
     """``load_checkpoint``'s module loader: a no-op, the method (buffers, frozen teacher) came from checkpoint.pth."""
 
@@ -116,8 +136,10 @@ class ZeroEngine:
         self.stage = stage
         self.world_size = dist.get_world_size()
         # (DeepSpeed broadcasts rank 0's parameters, not buffers: as the trainer's DDP with broadcast_buffers=False)
-        self.groups = list(optimizer.param_groups)  # the dicts the trainer writes lr / weight_decay into
+        self.groups = list(optimizer.param_groups)  # the dicts the trainer writes lr / weight_decay into (at set-up)
         self.params = [p for g in self.groups for p in g["params"]]  # (DeepSpeed swaps in flat shards)
+        # the skippable groups by index, with their parameters (DeepSpeed swaps a flat shard into each group)
+        self.skippable = {i: list(g["params"]) for i, g in enumerate(self.groups) if g.get("skippable")}
         self.names = {id(p): n for n, p in method.named_parameters()}
         self._hook_owner = type(method)
         rng = rng_state()  # DeepSpeed's set-up must not shift the (possibly just resumed) random streams
@@ -160,11 +182,23 @@ class ZeroEngine:
         """The method's gradient hook on full averaged gradients, then clip + optimizer step on the shards."""
         from ..methods.base import Method
 
+        skipped = []
         if getattr(self._hook_owner, "before_optimizer_step", None) is not Method.before_optimizer_step:
-            self._run_grad_hook(before_optimizer_step, info)
+            skipped = self._run_grad_hook(before_optimizer_step, info)
+        # (the optimizer's own group dicts: a resume's load_state_dict replaced those of set-up time)
+        real = self.zero_optimizer.optimizer
+        groups = [real.param_groups[i] for i in skipped]
+        lrs = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = 0.0  # with zero gradients: the shard's parameters stay bit-identical
         self.engine.step()
+        for g, lr in zip(groups, lrs):
+            g["lr"] = lr
+            real.state.pop(g["params"][0], None)  # never stepped, as DDP's skipped parameters
 
-    def _run_grad_hook(self, hook: Callable, info) -> None:
+    def _run_grad_hook(self, hook: Callable, info) -> list[int]:
+        """Runs ``hook`` on the full averaged gradients and writes them back; returns the indices of the groups
+        whose update it skipped (all their parameters' gradients set to None; they get zero gradients)."""
         from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 
         for p in self.params:  # one all-reduce per parameter rebuilds the averaged gradient from the shards
@@ -172,20 +206,23 @@ class ZeroEngine:
             p.grad = None if g is None else g.detach().clone()
         try:
             hook(info)
-            dropped = [self.names.get(id(p), "?") for p in self.params if p.grad is None]
+            skipped = [i for i, ps in self.skippable.items() if all(p.grad is None for p in ps)]
+            whole = {id(p) for i in skipped for p in self.skippable[i]}
+            dropped = [self.names.get(id(p), "?") for p in self.params if p.grad is None and id(p) not in whole]
             if dropped:
                 raise ValueError(
                     f"--zero-stage {self.stage}: the method's before_optimizer_step set the gradient of "
                     f"{len(dropped)} parameter(s) ({', '.join(dropped[:4])}{', ...' if len(dropped) > 4 else ''}) "
-                    f"to None at step {info.step} to skip their update (e.g. DINO's --freeze-last-layer, SwAV's "
-                    "--freeze-prototypes-epochs). ZeRO steps whole flat shards and cannot skip single parameters: "
-                    "set that freeze to 0 or drop --zero-stage")
-            new = [p.grad for p in self.params]
+                    f"to None at step {info.step} to skip their update, and the method's skippable_parameters() "
+                    "does not name them (all of them, with the rest of their group). ZeRO steps whole flat "
+                    "shards and cannot skip other single parameters: name them there, or drop --zero-stage")
+            new = [torch.zeros_like(p) if id(p) in whole else p.grad for p in self.params]
         finally:
             for p in self.params:
                 p.grad = None  # must be None again: safe_set_full_grad writes into p.grad when it exists
         for p, g in zip(self.params, new):
             safe_set_full_grad(p, g.to(torch.float32))  # local: copies this rank's fragment into its shard
+        return skipped
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, ckpt_path: Path, step: int) -> dict:

@@ -59,6 +59,12 @@ class Method(nn.Module):
 
         return param_groups(self, weight_decay, exclude_bias_and_norm=not self.decay_bias_and_norm)
 
+    def skippable_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose update ``before_optimizer_step`` may skip by setting their ``grad`` to None (DINO's
+        last layer, SwAV's prototypes while frozen). Under ZeRO they get optimizer groups of their own, so that a
+        skip leaves whole flat shards untouched (``fastcl.engine.zero``); elsewhere this changes nothing."""
+        return []
+
     def before_optimizer_step(self, step: Step) -> None:
         pass
 

@@ -195,6 +195,10 @@ class DINO(Method):
             for p in self.student_head.last_layer.parameters():
                 p.grad = None
 
+    def skippable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student_head.last_layer.parameters() if p.requires_grad] \
+            if self.freeze_last_layer else []
+
     @torch.no_grad()
     def after_optimizer_step(self, step: Step) -> None:
         self.ema.update(step["momentum"])

@@ -130,6 +130,9 @@ class SwAV(Method):
             self._to_enqueue = torch.stack([z[s * B:(s + 1) * B].detach() for s in self.crops_for_assign])
         return {"loss": loss / len(self.crops_for_assign)}
 
+    def skippable_parameters(self) -> list[nn.Parameter]:
+        return [self.prototypes.weight] if self.freeze_prototypes_epochs else []
+
     def before_optimizer_step(self, step: Step) -> None:
         if step.step < self.freeze_prototypes_epochs * step.steps_per_epoch:
             self.prototypes.weight.grad = None  # no update at all (no decay, no momentum) while frozen

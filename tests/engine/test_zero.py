@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastcl.engine.distributed import shutdown_distributed
 from fastcl.engine import TrainConfig, Trainer
 from fastcl.engine.distributed import DistInfo, all_reduce_, init_distributed
 from fastcl.engine.optim import cosine_schedule
@@ -27,6 +28,7 @@ from fastcl.methods.base import Method
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12  # 3 epochs x 4 batches of 12 (6 per rank)
 CUT = 5  # the interrupted run stops here, mid-epoch
+FREEZE_CUT = 2  # ... and the one with a frozen layer, inside the freeze (epoch 0)
 
 
 # ---------------------------------------------------------------------------------------------- toys
@@ -55,15 +57,19 @@ class Loader:
 
 class Toy(Method):
     """MLP student regressed onto an EMA teacher and the other view, with a centre buffer (all-reduced),
-    a DINO-style per-parameter gradient clip in before_optimizer_step (optionally dropping one grad)."""
+    a DINO-style per-parameter gradient clip in before_optimizer_step (optionally dropping one grad, or
+    freezing the last layer for the first epoch as DINO does, declared in skippable_parameters)."""
 
-    def __init__(self, clip_param=0.02, drop_grad=False):
+    def __init__(self, clip_param=0.02, drop_grad=False, freeze=False):
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
         self.target = copy.deepcopy(self.backbone).requires_grad_(False)
         # buffers start equal on every rank (the methods' contract: neither DDP nor DeepSpeed syncs them)
         self.register_buffer("center", torch.randn(8, generator=torch.Generator().manual_seed(3)))
-        self.clip_param, self.drop_grad = clip_param, drop_grad
+        self.clip_param, self.drop_grad, self.freeze = clip_param, drop_grad, freeze
+
+    def skippable_parameters(self):
+        return list(self.backbone[2].parameters()) if self.freeze else []  # (a weight and a bias: two groups)
 
     def schedules(self, epochs, steps_per_epoch):
         return {"momentum": cosine_schedule(0.9, 1.0, epochs, steps_per_epoch)}
@@ -83,6 +89,9 @@ class Toy(Method):
                     p.grad.mul_((self.clip_param / (p.grad.norm() + 1e-6)).clamp(max=1.0))
         if self.drop_grad:
             self.backbone[2].bias.grad = None
+        if self.freeze and step.epoch < 1:
+            for p in self.backbone[2].parameters():
+                p.grad = None
 
     @torch.no_grad()
     def after_optimizer_step(self, step):
@@ -112,10 +121,11 @@ def _worker(phase: str, out: Path) -> None:
         cfg = _cfg(out / name, **(cfg_kw or {}))
         t = Trainer(Toy(**(method_kw or {})), Loader(cfg.batch_size // world, rank, world), cfg, info,
                     log_fn=lambda r: losses.append(r["loss"]))
+        init[name] = {k: v.detach().clone() for k, v in t.method.state_dict().items()}  # (rank 0's, synced)
         t.fit()
         return t, losses
 
-    res = {}
+    res, init = {}, {}
     if phase == "train":
         for name, cfg_kw, method_kw in [
                 ("ddp", {}, {}), ("ddp_nohook", {}, {"clip_param": 0.0}),
@@ -123,10 +133,15 @@ def _worker(phase: str, out: Path) -> None:
                 ("ddp_sgd", {"optimizer": "sgd", "lr": 0.5}, {}),
                 ("ddp_sgd_noclip", {"optimizer": "sgd", "lr": 0.5, "clip_grad": 0.0}, {}),
                 ("zero2_sgd", {"optimizer": "sgd", "lr": 0.5, "zero_stage": 2}, {}),
-                ("zero2_cut", {"zero_stage": 2, "max_steps": CUT, "ckpt_every": 2}, {})]:
+                ("zero2_cut", {"zero_stage": 2, "max_steps": CUT, "ckpt_every": 2}, {}),
+                ("ddp_freeze", {}, {"freeze": True}), ("zero1_freeze", {"zero_stage": 1}, {"freeze": True}),
+                ("zero2_freeze", {"zero_stage": 2}, {"freeze": True}),
+                ("ddp_freeze_sgd", {"optimizer": "sgd", "lr": 0.5}, {"freeze": True}),
+                ("zero2_freeze_sgd", {"optimizer": "sgd", "lr": 0.5, "zero_stage": 2}, {"freeze": True}),
+                ("zero2_freeze_cut", {"zero_stage": 2, "max_steps": FREEZE_CUT, "ckpt_every": 1}, {"freeze": True})]:
             t, losses = train(name, cfg_kw, method_kw)
             r = {"state": {k: v.detach().clone() for k, v in t.method.state_dict().items()}, "losses": losses,
-                 "state_numel": _state_numel(t.optimizer)}
+                 "state_numel": _state_numel(t.optimizer), "init": init[name]}
             if t.zero is not None:
                 e = t.zero.engine
                 r.update(stage=e.zero_optimization_stage(), grads_partitioned=e.zero_optimization_partition_gradients(),
@@ -146,13 +161,15 @@ def _worker(phase: str, out: Path) -> None:
             t, _ = train(name, cfg_kw)
             res[name] = {k: v.detach().clone() for k, v in t.method.state_dict().items()}
         res["world_size"] = dist.get_world_size()
-    elif phase == "resume":  # a fresh launch continues zero2_cut from its checkpoint to the end
-        t, losses = train("zero2_cut", {"zero_stage": 2, "resume": "auto"})
-        res["zero2_resumed"] = {"state": {k: v.detach().clone() for k, v in t.method.state_dict().items()},
-                                "losses": losses, "step": t.step}
+    elif phase == "resume":  # a fresh launch continues zero2_cut (and zero2_freeze_cut) from its checkpoint
+        for name, method_kw in (("zero2_cut", {}), ("zero2_freeze_cut", {"freeze": True})):
+            t, losses = train(name, {"zero_stage": 2, "resume": "auto"}, method_kw)
+            res[name.replace("cut", "resumed")] = {
+                "state": {k: v.detach().clone() for k, v in t.method.state_dict().items()}, "losses": losses,
+                "step": t.step}
     if rank == 0:
         torch.save(res, out / f"{phase}.pt")
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def _launch(phase: str, out: Path, nproc: int = 2, env_extra: dict | None = None) -> dict:
@@ -234,10 +251,35 @@ def test_zero2_resume_in_a_fresh_launch_equals_uninterrupted(runs):
 
 
 @pytest.mark.slow
+def test_zero_honours_a_declared_freeze_as_ddp_does(runs):
+    """DINO's --freeze-last-layer / SwAV's prototype freeze under ZeRO: a layer declared in skippable_parameters
+    whose gradients the hook drops for the first epoch (4 steps of 12) is left bit-identical during the freeze,
+    and the whole run equals DDP's, where the optimizer skips it (AdamW: no decay, no moments, no step count;
+    SGD: no momentum buffer) -- also across a checkpoint taken inside the freeze and a fresh launch."""
+    _, r, res = runs
+    assert _differs(r["ddp_freeze"]["state"], r["ddp"]["state"])  # the freeze changes the result
+    assert _differs(r["ddp_freeze_sgd"]["state"], r["ddp_sgd"]["state"])
+    for name in ("zero1_freeze", "zero2_freeze"):
+        _close(r[name]["state"], r["ddp_freeze"]["state"], rtol=1e-5, atol=1e-6)
+        assert r[name]["losses"] == pytest.approx(r["ddp_freeze"]["losses"], rel=1e-5, abs=1e-7)
+    _close(r["zero2_freeze_sgd"]["state"], r["ddp_freeze_sgd"]["state"], rtol=1e-5, atol=1e-6)
+    cut = r["zero2_freeze_cut"]  # 2 steps, inside the freeze
+    for k in ("backbone.2.weight", "backbone.2.bias"):
+        assert torch.equal(cut["state"][k], cut["init"][k]), k
+    assert not torch.equal(cut["state"]["backbone.0.weight"], cut["init"]["backbone.0.weight"])
+    resumed = res["zero2_freeze_resumed"]
+    assert resumed["step"] == STEPS
+    assert cut["losses"] + resumed["losses"] == r["zero2_freeze"]["losses"]
+    for k, v in r["zero2_freeze"]["state"].items():
+        assert torch.equal(resumed["state"][k], v), k
+
+
+@pytest.mark.slow
 def test_zero_rejects_a_hook_that_drops_a_gradient(runs):
     _, r, _ = runs
     msg = r["drop_error"]
     assert msg is not None and "--zero-stage 2" in msg and "backbone.2.bias" in msg and "None" in msg
+    assert "skippable_parameters()" in msg
 
 
 @pytest.mark.slow

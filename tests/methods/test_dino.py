@@ -166,6 +166,31 @@ def test_last_layer_frozen_in_epoch_0_only(norm_last_layer):
         assert all(torch.equal(a, p) for a, p in zip(l0, last)) != last_moves
 
 
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_zero_groups_isolate_exactly_the_last_layer(norm_last_layer):
+    """Under ZeRO the frozen last layer must be whole optimizer groups of its own (a skip leaves whole flat shards
+    out): skippable_parameters() names exactly the params the freeze drops, and isolate_skippable splits them off
+    with each group's settings (decay and no-decay alike); with no freeze nothing is split."""
+    from fastcl.engine.zero import isolate_skippable
+
+    dino = tiny_dino(norm_last_layer=norm_last_layer)
+    dino(crops(), step(epoch=0))["loss"].backward()
+    dino.before_optimizer_step(step(epoch=0))
+    dropped = {id(p) for p in dino.parameters() if p.requires_grad and p.grad is None}
+    assert dropped and dropped == {id(p) for p in dino.skippable_parameters()}
+    groups = dino.param_groups(0.04)
+    split = isolate_skippable(groups, dino.skippable_parameters())
+    assert sorted(id(p) for g in split for p in g["params"]) == sorted(id(p) for g in groups for p in g["params"])
+    for g in split:
+        ids = {id(p) for p in g["params"]}
+        assert ids <= dropped if g.get("skippable") else not ids & dropped
+        assert g["weight_decay"] == next(h for h in groups if ids <= {id(p) for p in h["params"]})["weight_decay"]
+    assert sum(bool(g.get("skippable")) for g in split) == 1  # (weight norm's g is K x 1: decayed, as DINO's)
+    none = tiny_dino(norm_last_layer=norm_last_layer, freeze_last_layer=0)
+    assert none.skippable_parameters() == []
+    assert len(isolate_skippable(none.param_groups(0.04), [])) == len(none.param_groups(0.04))
+
+
 def test_per_parameter_gradient_clip():
     dino = tiny_dino(clip_grad=3.0)
     params = [p for p in dino.parameters() if p.requires_grad]
