@@ -17,7 +17,7 @@
 #   step     training steps: MoCo v2 R50 hand loop / torch / fused / split BN / compiled, CIFAR split BN, SimCLR and
 #            BYOL R50 hand / eager / compiled, DINO ViT-S/16, S/8 eager / compiled (all of it takes ~8 min:
 #            FASTCL_STEP_K="mocov2 or dino" selects, FASTCL_BENCH_COMPILE=0 drops the compiled variants)
-#   kernels  the fused kernels against torch and their floors
+#   kernels  the fused kernels against torch and their floors; the engine's host overhead on an empty step
 #   data     the DALI pipeline's throughput (needs DALI staged)
 #   mem      benchmarks/mem_table.py --device cuda: peak memory of one MoCo v3 / DINO ViT-S/B/L step, bf16, batch 64
 #            at 224 (DINO + 4 local crops), with and without --grad-ckpt (the README's memory table, GPU rows)
@@ -69,7 +69,7 @@ run_part() {
     step) FASTCL_BENCH_JSON=$BENCH_JSON step bench_train_step "${FASTCL_STEP_LIMIT:-150}" $PYTEST benchmarks/bench_train_step.py \
              -s -q --benchmark-json "$OUT/logs/bench_train_step.json" ${FASTCL_STEP_K:+-k "$FASTCL_STEP_K"} ;;
     kernels) step bench_kernels "${FASTCL_KERNELS_LIMIT:-120}" $PYTEST benchmarks/bench_infonce.py benchmarks/bench_ema.py \
-             benchmarks/bench_dino_loss.py benchmarks/bench_queue.py benchmarks/bench_sinkhorn.py -s -q \
+             benchmarks/bench_dino_loss.py benchmarks/bench_queue.py benchmarks/bench_sinkhorn.py benchmarks/bench_overhead.py -s -q \
              --benchmark-json "$OUT/logs/bench_kernels.json" ;;
     data) step bench_data "${FASTCL_DATA_LIMIT:-120}" $PYTEST benchmarks/bench_data.py -s -q \
              --benchmark-json "$OUT/logs/bench_data.json" ;;

@@ -382,16 +382,20 @@ class Trainer:
             out.append(v)
         return out
 
-    def _check_finite(self, bad_step: torch.Tensor) -> None:
+    def _check_finite(self) -> None:
         """Raise if a step since the last check had a non-finite loss (one host sync per check). Under DDP the
         ranks agree (first bad step of any rank), so all stop together instead of some waiting in a collective."""
+        n = self.step - self._unchecked_from
+        if n == 0:  # (the same on every rank: they step together)
+            return
+        never = torch.iinfo(torch.long).max
+        bad = ~torch.isfinite(self._losses[:n])
+        first = torch.where(bad.any(), bad.to(torch.uint8).argmax().to(torch.long) + self._unchecked_from, never)
         if self.dist.world_size > 1:
-            never = torch.iinfo(torch.long).max
-            first = torch.where(bad_step < 0, never, bad_step)
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
-            bad_step = torch.where(first == never, -1, first)
-        s = int(bad_step.item())
-        if s >= 0:  # (s counts from 0; log.jsonl numbers the step after it, s + 1)
+        s = int(first.item())
+        self._unchecked_from = self.step
+        if s != never:  # (s counts from 0; log.jsonl numbers the step after it, s + 1)
             raise NonFiniteLossError(
                 f"loss is not finite at step {s + 1} (epoch {s // self.steps_per_epoch}): stopping; "
                 f"{self._what_exists()}. Lower the lr, check the data, or try --amp none.")
@@ -410,10 +414,11 @@ class Trainer:
         bar = Progress(end_step, self.step, enabled=self.dist.is_main)
         first_step, first_loss = self.step + 1, float("nan")  # the bar's loss before the first log step
         tput = Throughput()
-        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        # the step number on the device, counted there: a torch.tensor(step, device=cuda) per step would be a
-        # pageable host->device copy, i.e. a host sync every step (the CPU could never run ahead of the GPU)
-        step_t = torch.full((), self.step, dtype=torch.long, device=self.device)
+        # every step's loss since the last check, on the device (one copy per step; was 6 ops per step keeping the
+        # first bad step number there): read at log / checkpoint / epoch boundaries, at most min(log_every,
+        # steps_per_epoch) steps apart, so a step never syncs and the error still names the first bad step
+        self._losses = torch.zeros(min(cfg.log_every, self.steps_per_epoch, end_step) + 1, device=self.device)
+        self._unchecked_from = self.step
         autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype)) if self.amp_dtype \
             else nullcontext
         result: dict = {}
@@ -438,8 +443,7 @@ class Trainer:
                 loss = out["loss"]
                 if self.step + 1 == first_step and self.dist.is_main:  # one read, in the first step only: the
                     first_loss = float(loss.detach())  # bar shows a loss from the start (was: from step 10)
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_t, bad_step)
-                step_t += 1
+                self._losses[self.step - self._unchecked_from].copy_(loss.detach())
                 with nvtx_range("backward"):
                     if self.zero:
                         self.zero.backward(loss)
@@ -462,7 +466,7 @@ class Trainer:
                 self.batch_in_epoch += 1
                 tput.add(cfg.batch_size)
                 if self.step % cfg.log_every == 0 or self.step == end_step:
-                    self._check_finite(bad_step)
+                    self._check_finite()
                     rec = {"step": self.step, "epoch": self.epoch, "lr": info["lr"],
                            **{k: float(v.detach()) for k, v in out.items()}, "img_per_s": tput.rate()}
                     self.logger.log(rec)
@@ -476,18 +480,18 @@ class Trainer:
                     bar.update(1)
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 \
                         and self.batch_in_epoch < self.steps_per_epoch:  # (epoch ends save below)
-                    self._check_finite(bad_step)
+                    self._check_finite()
                     self.save()
             if self.batch_in_epoch >= self.steps_per_epoch:  # epoch finished
                 self.epoch += 1
                 self.batch_in_epoch = 0
-                self._check_finite(bad_step)
+                self._check_finite()
                 self.save()
                 if cfg.knn_every and self.epoch % cfg.knn_every == 0 and self.step < end_step:
                     result = self.knn() or result
                     self.method.train()
         bar.close()
-        self._check_finite(bad_step)
+        self._check_finite()
         self.save()
         result = self.knn() or result
         return {"step": self.step, "epoch": self.epoch, **(result or {})}

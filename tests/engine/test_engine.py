@@ -437,3 +437,55 @@ def test_the_bar_shows_the_loss_from_the_first_step(tmp_path, monkeypatch):
 def test_non_finite_step_is_still_named_without_a_sync_per_step(tmp_path):
     with pytest.raises(NonFiniteLossError, match="step 7"):
         _train(tmp_path, 0, [], method=ToyMethod(nan_at_step=6), log_every=10**6, ckpt_every=0)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_steady_step_launches_one_kernel_more_than_a_hand_written_loop(tmp_path):
+    """Host overhead, counted (an op that moves data is a kernel launch on CUDA): a steady Trainer step (no log,
+    checkpoint or epoch end) dispatches the ops of a hand-written loop of the same method, optimizer and EMA,
+    plus the copy of the loss into the device buffer the non-finite check reads at log steps (and the two views
+    that address it) -- was 10 ops: isfinite (4 on CPU), not, and, lt, where and add keeping the first bad
+    step number on the device."""
+    from fastcl.engine.optim import build_optimizer
+    from fastcl.methods.base import Step
+
+    marks, counter = [], _OpCounter()
+
+    class Marked(ToyMethod):
+        def after_optimizer_step(self, step):
+            super().after_optimizer_step(step)
+            marks.append(len(counter.ops))
+
+    with counter:
+        t = _train(tmp_path, 8, [], method=Marked(), log_every=10**6, ckpt_every=0)
+    engine = [counter.ops[a:b] for a, b in zip(marks[1:-1], marks[2:])]  # steps 2..7
+
+    method, loader = ToyMethod(), ToyLoader()
+    opt = build_optimizer("sgd", method.param_groups(1e-3), lr=0.1, momentum=0.9)
+    loader.set_epoch(0)
+    ends, counter = [], _OpCounter()
+    with counter:
+        for i, (views, _, _) in enumerate(loader):  # (the loader's ops count in both)
+            step = Step(i, 0, len(loader), 3 * len(loader), {"lr": 0.1, "momentum": float(t.schedules["momentum"][i])})
+            loss = method(views, step)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            method.after_optimizer_step(step)
+            ends.append(len(counter.ops))
+    hand = [counter.ops[a:b] for a, b in zip(ends, ends[1:])]  # steps 2, 3, ...
+    assert len(engine) == 6 and len(hand) >= 3
+    from collections import Counter
+
+    extra = [sorted((Counter(e) - Counter(hand[1])).elements()) for e in engine]
+    assert all(Counter(hand[1]) - Counter(e) == Counter() for e in engine)  # all of the hand loop's ops, and
+    assert extra == [["aten.copy_.default", "aten.detach.default", "aten.select.int"]] * 6, extra  # these
