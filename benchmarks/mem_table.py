@@ -3,6 +3,7 @@
     python benchmarks/mem_table.py                       # the README's memory table (a few minutes on 2 cores)
     python benchmarks/mem_table.py --res 224 --batch 64  # other sizes (mind the host memory)
     python benchmarks/mem_table.py --device cuda --out mem_gpu.json   # on a GPU: bf16, batch 64 at 224, S/B/L
+    python benchmarks/mem_table.py --computed          # per GPU from counts: ViT-S/B/L/H, ZeRO 0/1/2, 8 GPUs
 
 Measured with ``fastcl.engine.memory.peak_cpu_memory``: the PyTorch profiler's allocator records (every CPU
 tensor allocation and free, what ``torch.cuda.max_memory_allocated`` sees on a GPU). Reported per config:
@@ -10,6 +11,11 @@ tensor allocation and free, what ``torch.cuda.max_memory_allocated`` sees on a G
 held at once during the step, ``act`` = peak - held (activations and the backward's transients), fp32, one
 process. Optimizer state is not included (AdamW adds 2 x the trainable parameters; ZeRO-1/2 divide it, and
 ZeRO-2 the gradients, by the number of processes).
+
+``--computed`` prints the same step per GPU for sizes no test machine runs, from counts (``computed`` below,
+``fastcl.engine.memory_model``): bf16 autocast, batch 64 per GPU, AdamW, ``--world`` GPUs, under DDP / ZeRO-1 /
+ZeRO-2, with and without ``--grad-ckpt``; ``tests/engine/test_memory_model.py`` checks the counts against the
+allocator on the CPU.
 """
 from __future__ import annotations
 
@@ -48,6 +54,89 @@ def views(method: str, batch: int, res: int, device="cpu"):
     local = max(16, (res * 96 // 224) // 16 * 16)
     return [torch.rand(batch, 3, res, res, generator=g).to(device) for _ in range(n_glob)] + \
         [torch.rand(batch, 3, local, local, generator=g).to(device) for _ in range(n_loc)]
+
+
+# ---- computed: the same step from counts (fastcl.engine.memory_model), for sizes no test machine runs ----------
+
+def head_activation_bytes(method: str, *, feat: int, rows: int, batch: int, n_global: int, amp: bool,
+                          mlp_dim: int = 4096, dim: int = 256, K: int = 65536, hidden: int = 2048,
+                          bottleneck: int = 256, fused_loss: bool | None = None) -> float:
+    """Bytes the heads and the loss save for the backward over ``rows`` backbone outputs (every crop's images).
+
+    The MLP parts are counted at 4 bytes per element in both precisions (each Linear's output and its BN / GELU
+    output; under autocast the CPU casts BN inputs back to fp32, CUDA keeps them bf16: an upper bound there).
+    DINO's K-wide terms are counted exactly: the last layer's weight W = g v / ||v|| (fp32, or its bf16 copy under
+    autocast), and the loss -- the fused kernel keeps the student and teacher logits (bf16 under autocast), the
+    torch reference one fp32 log-softmax per (teacher crop, student crop) pair and the teacher's softmax."""
+    b = 2 if amp else 4
+    fused = amp if fused_loss is None else fused_loss
+    if method == "MoCo v3":  # projector [feat, mlp, mlp, dim] + BN everywhere, predictor [dim, mlp, dim]
+        per_row = 4 * 2 * (mlp_dim + mlp_dim + dim) + 4 * 2 * mlp_dim + 4 * dim
+        per_row += 4 * (2 * dim + 2 * rows // 2)  # the loss: unit queries / keys, a row of logits (both terms)
+        return rows * per_row
+    # DINO head [feat, hidden, hidden, bottleneck] with GELU, normalize, weight-normed last layer to K
+    per_row = 4 * 2 * (hidden + hidden) + 4 * 2 * bottleneck + 4 * bottleneck
+    out = rows * per_row + K * bottleneck * b
+    n_crops = rows // batch
+    if fused:
+        out += (rows + n_global * batch) * K * b + 4 * rows
+    else:
+        pairs = n_global * n_crops - min(n_global, n_crops)
+        out += (pairs + n_global) * batch * K * 4
+    return out
+
+
+def computed(method: str, arch_name: str, *, batch: int, res: int, amp: bool, ckpt: bool, zero_stage: int = 0,
+             world: int = 1, n_local: int | None = None, local_res: int = 96, head_kw: dict | None = None,
+             fused_loss: bool | None = None) -> dict:
+    """One step's memory per GPU from counts. Parameters are counted on a meta-device build of the method (exact,
+    no memory); activations from ``memory_model``'s per-token table and ``head_activation_bytes``."""
+    from fastcl.engine.memory_model import (VIT_SHAPES, state_bytes, vit_activations,
+                                            vit_matrix_params)
+    v = VIT_SHAPES[arch_name] if isinstance(arch_name, str) else arch_name
+    n_local = (0 if method == "MoCo v3" else 10) if n_local is None else n_local
+    # backbone calls: MoCo v3 one per view, DINO one per resolution (its multi-crop wrapper)
+    crops = [(batch, res)] * 2 if method == "MoCo v3" else \
+        [(2 * batch, res)] + ([(n_local * batch, local_res)] if n_local else [])
+    with torch.device("meta"):
+        m = build_counting(method, v, res, head_kw or {})
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad)
+    patch_trainable = method != "MoCo v3"  # MoCo v3 freezes the patch projection (vit_init_)
+    acts = vit_activations(v, crops, amp=amp, ckpt=ckpt, patch_trainable=patch_trainable)
+    rows = sum(n for n, _ in crops)
+    heads = head_activation_bytes(method, feat=v.dim, rows=rows, batch=batch, n_global=2, amp=amp,
+                                  fused_loss=fused_loss, **(head_kw or {}))
+    # autocast's bf16 copies of the trained weight matrices, kept for the backward (inside a checkpointed block
+    # they are made again by the replay, one block at a time)
+    copies = 0
+    if amp:
+        mats = (0 if ckpt else vit_matrix_params(v)) - (0 if ckpt or patch_trainable else 3 * v.patch ** 2 * v.dim)
+        mats += 3 * v.patch ** 2 * v.dim if ckpt and patch_trainable else 0
+        head_mats = sum(mod.weight.numel() for name, mod in m.named_modules()
+                        if isinstance(mod, torch.nn.Linear) and ("projector" in name or "predictor" in name
+                                                                or name.startswith("student_head.mlp"))
+                        and not name.startswith(("projector_k", "teacher")))
+        copies = 2 * (mats + head_mats)
+    state = state_bytes(trainable=trainable, frozen=frozen, zero_stage=zero_stage, world=world)
+    act = acts["saved"] + acts["backward"] + heads + copies
+    return {"method": method, "arch": str(arch_name), "batch": batch, "res": res, "amp": "bf16" if amp else "none",
+            "grad_ckpt": ckpt, "zero_stage": zero_stage, "world": world, "crops": crops,
+            "trainable": trainable, "frozen": frozen, **state, "activations": act,
+            "saved": acts["saved"] + heads + copies, "backward_est": acts["backward"],
+            "total": sum(state.values()) + act}
+
+
+def build_counting(method: str, v, res: int, head_kw: dict):
+    """The method with a ViT of shape ``v`` (a timm VisionTransformer), to count its parameters."""
+    from timm.models.vision_transformer import VisionTransformer
+    kw = dict(img_size=res, patch_size=v.patch, embed_dim=v.dim, depth=v.depth, num_heads=v.heads,
+              mlp_ratio=v.mlp_ratio, num_classes=0, dynamic_img_size=True)
+    if method == "MoCo v3":
+        mk = {k: head_kw[k] for k in ("mlp_dim", "dim") if k in head_kw}
+        return MoCoV3(vit_init_(VisionTransformer(**kw)), v.dim, sync_bn=False, decay_all=True, **mk)
+    dk = {{"K": "out_dim", "hidden": "hidden_dim", "bottleneck": "bottleneck_dim"}[k]: x for k, x in head_kw.items()}
+    return DINO(VisionTransformer(**kw), v.dim, teacher_backbone=VisionTransformer(**kw), freeze_last_layer=0, **dk)
 
 
 def peak_cuda_memory(fn) -> tuple[int, int]:
@@ -97,7 +186,14 @@ def main(argv=None):
     p.add_argument("--archs", default=None, help="comma list of " + ", ".join(ARCHS) +
                    " (default: ViT-S/16,ViT-B/16 on cpu, all on cuda)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--computed", action="store_true",
+                   help="print the per-GPU table computed from counts (bf16, ViT-S/B/L/H, ZeRO 0/1/2) and exit")
+    p.add_argument("--world", type=int, default=8, help="--computed: data-parallel GPUs (default: 8)")
+    p.add_argument("--gpu-gib", type=float, default=79.2,
+                   help="--computed: memory of one GPU, for the fit mark (default: 79.2, an 80 GB H100)")
     a = p.parse_args(argv)
+    if a.computed:
+        return print_computed(a.batch or 64, a.res or 224, a.world, a.gpu_gib, a.out)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     gpu = a.device == "cuda"
@@ -128,6 +224,29 @@ def main(argv=None):
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(rows, indent=1))
+
+
+def print_computed(batch: int, res: int, world: int, gpu_gib: float, out: str | None) -> None:
+    G = 2 ** 30
+    rows = []
+    print(f"| method | backbone | crops | trained / EMA params | `--grad-ckpt` | activations GiB | "
+          f"DDP GiB | ZeRO-1 GiB | ZeRO-2 GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for method in ("MoCo v3", "DINO"):
+        archs = ("ViT-S/16", "ViT-B/16", "ViT-L/16", "ViT-H/14") + (("ViT-S/8", "ViT-B/8") if method == "DINO" else ())
+        for arch in archs:
+            for ckpt in (False, True):
+                rs = [computed(method, arch, batch=batch, res=res, amp=True, ckpt=ckpt, zero_stage=z, world=world)
+                      for z in (0, 1, 2)]
+                rows += rs
+                r = rs[0]
+                crops = f"2×{res}" + ("" if method == "MoCo v3" else " + 10×96")
+                cells = " | ".join(f"{x['total'] / G:.1f}" + ("" if x["total"] / G <= gpu_gib else " ✗") for x in rs)
+                print(f"| {method} | {arch} | {crops} | {r['trainable'] / 1e6:.0f} M / {r['frozen'] / 1e6:.0f} M | "
+                      f"{'yes' if ckpt else 'no'} | {r['activations'] / G:.1f} | {cells} |", flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

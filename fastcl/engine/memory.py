@@ -10,7 +10,7 @@ tensors at once during ``fn`` (tensors alive before it count from the start), ex
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -34,14 +34,17 @@ def peak_cpu_memory(fn: Callable[[], object]) -> tuple[int, int]:
     return peak, cur
 
 
-def saved_activation_bytes(fn: Callable[[], object]) -> int:
+def saved_activation_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
     """Bytes of the tensors autograd saves for the backward while ``fn`` runs its forward (distinct storages):
-    a second, independent count of what checkpointing removes."""
+    a second, independent count of what checkpointing removes. Storages of ``exclude`` (parameters, inputs:
+    held anyway) are not counted."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
         st = t.untyped_storage()
-        seen.setdefault(st.data_ptr(), st.nbytes())
+        if st.data_ptr() not in skip:
+            seen.setdefault(st.data_ptr(), st.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -146,7 +146,11 @@ def _worker(phase: str, out: Path) -> None:
                 e = t.zero.engine
                 r.update(stage=e.zero_optimization_stage(), grads_partitioned=e.zero_optimization_partition_gradients(),
                          lr_in_real_optimizer=[g["lr"] for g in t.zero.zero_optimizer.optimizer.param_groups],
-                         lr_scheduled=[float(t.schedules["lr"][t.step - 1])])
+                         lr_scheduled=[float(t.schedules["lr"][t.step - 1])],
+                         trainable=sum(p.numel() for p in t.method.parameters() if p.requires_grad),
+                         ds_master=sum(x.numel() for x in e.optimizer.single_partition_of_fp32_groups),
+                         # (the size of what each backward allocates; released after the step)
+                         ds_bucket=int(e.optimizer.reduce_bucket_size))
             numels = [None] * world
             dist.all_gather_object(numels, r["state_numel"])
             r["state_numel_per_rank"] = numels
@@ -233,6 +237,23 @@ def test_zero_partitions_optimizer_state_and_gradients(runs):
         assert sum(mine) >= full[0]  # ... ZeRO: together all of it (+ alignment padding),
         for n in mine:  # each rank about half
             assert 0.4 * full[0] <= n <= 0.5 * full[0] + 64
+
+
+def test_zero_state_per_rank_is_what_the_memory_model_counts(runs):
+    """DeepSpeed's own buffers on each rank equal ``memory_model.state_bytes``: AdamW moments + the fp32 master
+    partition (3 x P/W), and a gradient reduce bucket of min(5e8, P) elements, which each backward allocates --
+    DeepSpeed's default is 5e8 elements (1.9 GiB) whatever the model (failed before the cap: 500,000,000 for this
+    toy)."""
+    from fastcl.engine.memory_model import state_bytes
+    _, r, _ = runs
+    for name, stage in (("zero1", 1), ("zero2", 2)):
+        z = r[name]
+        P = z["trainable"]
+        assert z["ds_bucket"] == P, (name, z["ds_bucket"], P)
+        model = state_bytes(trainable=P, frozen=0, zero_stage=stage, world=2)
+        held = 4 * (z["state_numel"] + z["ds_master"])
+        assert model["optimizer"] <= held <= model["optimizer"] + 3 * 4 * 64, (name, held, model)  # + alignment
+        assert model["grads"] == 4 * ((P if stage == 1 else P / 2) + z["ds_bucket"])
 
 
 @pytest.mark.slow
