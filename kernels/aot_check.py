@@ -71,7 +71,8 @@ def _install(target, arch, results):
                                    capture_output=True, text=True)
                 os.unlink(f.name)
                 info = ", ".join(re.findall(r"Used \d+ registers|\d+ bytes spill stores", r.stderr))
-            shown = {a: b for a, b in consts.items() if a.startswith(("BLOCK", "PAD", "FP32", "NORM_K", "SCALE"))}
+            shown = {a: b for a, b in consts.items()
+                     if a.startswith(("BLOCK", "CHUNK", "PAD", "FP32", "NORM_K", "SCALE"))}
             results[key] = f"OK   {self.__name__} {shown} {opts} smem={k.metadata.shared} {info}"
         except Exception as e:  # noqa: BLE001 - report every failure and go on
             results[key] = f"FAIL {self.__name__} {consts} {opts}: {str(e)[-1500:]}"

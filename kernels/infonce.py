@@ -76,16 +76,39 @@ def _inv_norm_kernel(X_ptr, X_row_stride, R_ptr, n_rows, n_cols,
 
 
 @triton.jit
-def _logits_tile(q, K_ptr, K_row_stride, RK_ptr, qscale, self_idx, cols, n_keys, n_cols, key_end,
-                 NORM_K: tl.constexpr, HAS_SELF: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_C: tl.constexpr, FP32_PRECISION: tl.constexpr):
+def _dot_rows(A_ptr, a_rows, a_stride, a_mask, B_ptr, b_rows, b_stride, b_mask, n_cols, like,
+              BLOCK_C: tl.constexpr, CHUNK_C: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """A[a_rows]·B[b_rows]ᵀ (fp32) summed over CHUNK_C-wide feature chunks loaded from memory (B transposed
+    there) in ``like``'s dtype: a whole-row dot of 16-row tiles holds full-width operand fragments in every
+    warp and transposes the streamed tile in registers, which spills for wide rows on sm_90a (aot_check)."""
+    acc = tl.zeros([a_rows.shape[0], b_rows.shape[0]], dtype=tl.float32)
+    for c0 in tl.static_range(0, BLOCK_C, CHUNK_C):
+        cc = c0 + tl.arange(0, CHUNK_C)
+        a = tl.load(A_ptr + a_rows.to(tl.int64)[:, None] * a_stride + cc[None, :],
+                    mask=a_mask[:, None] & (cc[None, :] < n_cols), other=0.0).to(like.dtype)
+        b = tl.load(B_ptr + b_rows.to(tl.int64)[None, :] * b_stride + cc[:, None],
+                    mask=b_mask[None, :] & (cc[:, None] < n_cols), other=0.0).to(like.dtype)
+        if FP32_PRECISION:
+            acc += tl.dot(a, b, input_precision="tf32x3")
+        else:
+            acc += tl.dot(a, b)
+    return acc
+
+
+@triton.jit
+def _logits_tile(q, Q_ptr, Q_row_stride, rows, rmask, K_ptr, K_row_stride, RK_ptr, qscale, self_idx, cols,
+                 n_keys, n_cols, key_end, NORM_K: tl.constexpr, HAS_SELF: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_C: tl.constexpr, CHUNK_C: tl.constexpr, FP32_PRECISION: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of base-2 logits s2 = (q·kᵀ)·rq·rk·log2(e)/T, masked to -inf
     outside [.., key_end) and on each row's self column. Returns (s2, k tile)."""
     ccols = tl.arange(0, BLOCK_C)
     kmask = (cols[:, None] < key_end) & (ccols[None, :] < n_cols)
     k = tl.load(K_ptr + cols.to(tl.int64)[:, None] * K_row_stride + ccols[None, :], mask=kmask, other=0.0)
     k = k.to(q.dtype)  # mixed precision (e.g. bf16 queries under autocast, fp32 queue): cast in registers
-    if FP32_PRECISION:
+    if CHUNK_C < BLOCK_C:
+        s = _dot_rows(Q_ptr, rows, Q_row_stride, rmask, K_ptr, cols, K_row_stride, cols < key_end, n_cols, q,
+                      BLOCK_C, CHUNK_C, FP32_PRECISION)
+    elif FP32_PRECISION:
         s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
     else:
         s = tl.dot(q, tl.trans(k))
@@ -139,8 +162,8 @@ def _infonce_forward_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(key_start, key_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        s, k = _logits_tile(q, K_ptr, K_row_stride, RK_ptr, qscale, self_idx, cols, n_keys, n_cols, key_end,
-                            NORM_K, HAS_SELF, UPCAST, BLOCK_C, FP32_PRECISION)
+        s, k = _logits_tile(q, Q_ptr, Q_row_stride, rows, rmask, K_ptr, K_row_stride, RK_ptr, qscale, self_idx,
+                            cols, n_keys, n_cols, key_end, NORM_K, HAS_SELF, UPCAST, BLOCK_C, BLOCK_C, FP32_PRECISION)
         # -- update m_i and l_i
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -203,7 +226,7 @@ def _infonce_backward_dq_kernel(
     n_rows, n_keys, n_cols, keys_per_split, scale,
     NORM_Q: tl.constexpr, NORM_K: tl.constexpr, HAS_SELF: tl.constexpr, POS_IN_KEYS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, SCALE_TILE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK_C: tl.constexpr,
 ):
     """Program (row block, key split): partial Σ_j (P_ij − [j = pos_i]) k̂_j over its key chunk.
 
@@ -236,8 +259,8 @@ def _infonce_backward_dq_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for n0 in range(key_start, key_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        s, k = _logits_tile(q, K_ptr, K_row_stride, RK_ptr, qscale, self_idx, cols, n_keys, n_cols, key_end,
-                            NORM_K, HAS_SELF, UPCAST, BLOCK_C, FP32_PRECISION)
+        s, k = _logits_tile(q, Q_ptr, Q_row_stride, rows, rmask, K_ptr, K_row_stride, RK_ptr, qscale, self_idx,
+                            cols, n_keys, n_cols, key_end, NORM_K, HAS_SELF, UPCAST, BLOCK_C, CHUNK_C, FP32_PRECISION)
         # -- recompute P from the saved lse, subtract the positive's one-hot
         ds = tl.exp2(s - lse[:, None])
         if POS_IN_KEYS:
@@ -264,7 +287,7 @@ def _infonce_backward_dk_kernel(
     n_rows, n_keys, n_cols, rows_per_split, scale, g_scale,
     NORM_Q: tl.constexpr, NORM_K: tl.constexpr, HAS_SELF: tl.constexpr, POS_IN_KEYS: tl.constexpr,
     UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, SCALE_TILE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK_C: tl.constexpr,
 ):
     """Program (key block, query split): partial Σ_i g_i·N (P_ij − [j = pos_i]) q̂_i for its keys
     (without POS_IN_KEYS the positives are separate ``pos_keys``: no key is anyone's positive).
@@ -304,7 +327,10 @@ def _infonce_backward_dk_kernel(
         if POS_IN_KEYS:
             pos_idx = tl.load(POS_ptr + rows, mask=rmask, other=-1).to(tl.int64)
         # s2ᵀ tile (BLOCK_N, BLOCK_M)
-        if FP32_PRECISION:
+        if CHUNK_C < BLOCK_C:
+            st = _dot_rows(K_ptr, cols, K_row_stride, cmask, Q_ptr, rows, Q_row_stride, rmask, n_cols, q,
+                           BLOCK_C, CHUNK_C, FP32_PRECISION)
+        elif FP32_PRECISION:
             st = tl.dot(k, tl.trans(q), input_precision="tf32x3")
         else:
             st = tl.dot(k, tl.trans(q))
@@ -407,24 +433,27 @@ def _settings(C, dtype, device, kernel):
     key/query splits from its own tiles, so the three kernels need not share a shape. The rows carry
     a whole feature row per tile: wide rows leave few registers for the accumulators, hence the small
     tiles at C >= 512 (16-bit) and C = 256 (fp32's tf32x3 holds three operand splits). Two launches
-    still spill a little, the least of every tile tried (BLOCK_M/N 16-128, 4/8 warps, 1/2 stages):
-    fp32 dq at C = 256 (20 B per thread) and fp16 dk at C = 1024 (36 B). Chosen by ptxas's counts,
-    not yet timed on a GPU."""
+    spilled in every tile (BLOCK_M/N 16-128, 2-16 warps, 1/2 stages): fp32 dq at C = 256 (20 B per
+    thread, 255 registers) and fp16 dk at C = 1024 (36 B); their logits dot runs in CHUNK_C-wide
+    feature chunks (``_dot_rows``) instead: dq 16x16, 8 warps, chunks of 32: 128 registers; dk 16x16,
+    16 warps, chunks of 64: 128 registers (16 resident warps per SM for both, 8 before). Chosen by
+    ptxas's counts, not yet timed on a GPU. The interpreter runs 16x16 tiles with the same chunking."""
     block_c = max(16, next_power_of_2(C))
-    if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_C=block_c, num_warps=1, num_stages=1)
+    chunk, fp16 = block_c, dtype == torch.float16
     if dtype == torch.float32:  # 4-byte tiles: stay under 228 KB smem, one stage
         if block_c >= 256:
             bm, bn, nw = {"fwd": (64, 32, 8), "dq": (16, 16, 8), "dk": (16, 16, 8)}[kernel]
+            chunk = 32 if kernel == "dq" else block_c
         elif block_c >= 128:
             bm, bn, nw = {"fwd": (64, 32, 4), "dq": (16, 64, 8), "dk": (64, 16, 8)}[kernel]
         else:
             bm, bn, nw = 64, 32, 4
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=block_c, num_warps=nw, num_stages=1)
-    fp16 = dtype == torch.float16  # fp16's backward scales the dS tile: one more live tile than bf16
-    if block_c >= 512:
+        stages = 1
+    elif block_c >= 512:  # fp16 scales the k / q operand tile in the backward (SCALE_TILE): one more live tile
         bm, bn, nw, stages = {"fwd": (32, 32, 8, 2), "dq": (16, 16, 8, 1),
-                              "dk": (16, 16, 8, 1) if fp16 else (32, 16, 8, 1)}[kernel]
+                              "dk": ((16, 16, 16, 1) if block_c >= 1024 else (16, 16, 8, 1)) if fp16
+                              else (32, 16, 8, 1)}[kernel]
+        chunk = 64 if fp16 and kernel == "dk" and block_c >= 1024 else block_c
     elif block_c >= 256:
         bm, bn, nw, stages = {"fwd": (64, 64, 8, 2), "dq": (32, 64, 8, 1) if fp16 else (64, 64, 8, 1),
                               "dk": (32, 64, 8, 1)}[kernel]
@@ -434,7 +463,9 @@ def _settings(C, dtype, device, kernel):
         bm, bn, nw, stages = 64, 64, 8, 2
     else:
         bm, bn, nw, stages = 128, 64, 8, 2
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=block_c, num_warps=nw, num_stages=stages)
+    if interpreting():
+        bm, bn, nw, stages = 16, 16, 1, 1
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=block_c, CHUNK_C=chunk, num_warps=nw, num_stages=stages)
 
 
 def _row_block(block_c):
@@ -526,7 +557,7 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
                 pos_index if pos_in_keys else q, lse, part, N, M, C, per, scale,
                 NORM_Q=norm_q, NORM_K=norm_k, HAS_SELF=has_self, POS_IN_KEYS=pos_in_keys, UPCAST=upcast,
                 FP32_PRECISION=fp32, SCALE_TILE=scale_tile, BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                CHUNK_C=cfg["CHUNK_C"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             dq = torch.empty_like(q)
         if need_dp:  # MoCo positive key, same launch: dp̂_i = c_i q̂_i
             dp = torch.empty_like(pos_keys)
@@ -548,8 +579,8 @@ def infonce_backward(grad_loss, q, keys, pos_keys, pos_index, self_index, lse, p
             pos_index if pos_in_keys else q, lse, part, N, M, C, per, scale, float(N),
             NORM_Q=norm_q, NORM_K=norm_k, HAS_SELF=has_self, POS_IN_KEYS=pos_in_keys, UPCAST=upcast,
             FP32_PRECISION=fp32,
-            SCALE_TILE=scale_tile, BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
+            SCALE_TILE=scale_tile, BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, CHUNK_C=cfg["CHUNK_C"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dk = torch.empty_like(keys)
         _infonce_finalize_kernel[(cdiv(M, fin_bm),)](
             keys, part, n_split, g, 1.0 / (N * temperature), keys, ppos, g, dk, dk, M, C, 0.0,

@@ -220,6 +220,45 @@ def test_width_limits_choose_triton_or_the_reference(dtype, C, fused):
                             "loss")
 
 
+# The launches whose logits dot runs in feature chunks (CHUNK_C < BLOCK_C): with whole-row dots they were the two
+# that spilled registers on sm_90a in every tile (aot_check). The interpreter runs them at the same 16x16 tiles and
+# chunking (only num_warps, and fp32's tf32x3 precision, are GPU-only).
+CHUNKED = [("dq", torch.float32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_C=256, CHUNK_C=32, num_warps=8, num_stages=1)),
+           ("dk", torch.float16, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_C=1024, CHUNK_C=64, num_warps=16, num_stages=1))]
+
+
+@pytest.mark.parametrize("kernel,dtype,shipped", CHUNKED)
+@pytest.mark.parametrize("ragged", [False, True])  # True: weird shapes, C not a multiple of the chunk
+def test_feature_chunked_launches(monkeypatch, kernel, dtype, shipped, ragged):
+    import fastcl.kernels.infonce as I
+
+    C = shipped["BLOCK_C"] - (56 if ragged else 0)
+    with monkeypatch.context() as m:
+        m.setattr(I, "interpreting", lambda: False)
+        assert I._settings(C, dtype, DEV, kernel) == shipped  # the GPU tile
+    fn = getattr(I, f"_infonce_backward_{kernel}_kernel")
+    launches, run = [], fn.run
+    monkeypatch.setattr(fn, "run", lambda *a, **kw: launches.append(kw) or run(*a, **kw))
+    g = torch.Generator().manual_seed(31)
+    q = torch.randn(20, C, generator=g) / C ** 0.5
+    k = torch.randn(37, C, generator=g) / C ** 0.5
+    k[9:29] += 0.5 * q  # positives stand out: the softmax (and so the gradients) depends on every logit's chunks
+    q1, q2 = (q.to(DEV, dtype).clone().requires_grad_() for _ in range(2))
+    k1, k2 = (k.to(DEV, dtype).clone().requires_grad_() for _ in range(2))
+    with K.backend("triton"):
+        out = inbatch_infonce(q1, k1, 0.1, pos_offset=9)
+        (out * 50).backward()  # O(0.1-1) gradients: meaningful against fp16's atol
+    ref = ref_inbatch(q2, k2, 0.1, pos_offset=9)
+    (ref * 50).backward()
+    rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (2e-2, 2e-3)
+    assert_verbose_allclose(out, ref, rtol, atol, "loss")
+    assert_verbose_allclose(q1.grad, q2.grad, rtol, atol, "dq")
+    assert_verbose_allclose(k1.grad, k2.grad, rtol, atol, "dk")
+    tile = ("BLOCK_M", "BLOCK_N", "BLOCK_C", "CHUNK_C") + (("num_warps",) if cuda else ())
+    assert [{t: kw[t] for t in tile} for kw in launches] == [{t: shipped[t] for t in tile}]
+    assert launches[0]["SCALE_TILE"] == (dtype == torch.float16) and launches[0]["NORM_K"]
+
+
 def _train(backend_name, steps=8):
     """A tiny MoCo-style run: linear encoder, fixed queue, SGD; returns the loss trajectory."""
     old = K.get_backend()
