@@ -1,6 +1,7 @@
 """Run logging: JSONL (one object per logged step), TensorBoard scalars, and a progress bar (rank 0)."""
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -13,9 +14,26 @@ except ImportError:  # nvtx is a dependency, but profiling must never be what br
     _nvtx = None
 
 
+_NO_RANGE = nullcontext()  # (stateless: one object serves every range)
+
+
 def nvtx_range(name: str):
-    """An NVTX range (visible in Nsight Systems); costs ~nothing when no profiler is attached."""
-    return _nvtx.annotate(name, domain="fastcl") if _nvtx is not None else nullcontext()
+    """An NVTX range (visible in Nsight Systems). Without an NVTX tool attached nvtx records nothing, and this
+    returns a shared no-op context instead of building an ``nvtx.annotate`` (~0.4 us per range on the host)."""
+    return _nvtx.annotate(name, domain="fastcl") if _nvtx_attached() else _NO_RANGE
+
+
+@functools.lru_cache(maxsize=None)
+def _nvtx_attached() -> bool:
+    """Whether NVTX ranges of the "fastcl" domain reach a tool (nsys, ...). Decided once, at the first range, as
+    nvtx itself does: it caches the domain, a disabled one (no tool injected at that point) stays disabled."""
+    if _nvtx is None or not _nvtx.enabled():  # (NVTX_DISABLE set: nvtx's annotate is a nullcontext)
+        return False
+    try:
+        from nvtx._lib import dummy_domain
+    except ImportError:  # another nvtx layout: keep the ranges
+        return True
+    return _nvtx.get_domain("fastcl") is not dummy_domain
 
 
 class RunLogger:

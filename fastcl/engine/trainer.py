@@ -203,12 +203,16 @@ class Trainer:
         return s
 
     def _apply_schedules(self, step: int) -> Step:
-        lr, wd = float(self.schedules["lr"][step]), float(self.schedules["wd"][step])
+        # written into the optimizer's group dicts of this step, every step: a resume's load_state_dict replaces the
+        # dicts, and a value equal to the last step's costs no more to write than to compare
+        values = {}
+        for name, arr in self.schedules.items():  # (a loop: a comprehension is one more Python frame per step)
+            values[name] = float(arr[step])
+        lr, wd, base_lr, base_wd = values["lr"], values["wd"], self.cfg.lr, self.cfg.weight_decay
         for g in self.optimizer.param_groups:
-            g["lr"] = self.cfg.lr if g.get("fixed_lr") else lr * g.get("lr_scale", 1.0)
+            g["lr"] = base_lr if g.get("fixed_lr") else lr * g.get("lr_scale", 1.0)
             if g["base_wd"] > 0:  # no-decay groups stay at 0
-                g["weight_decay"] = wd * g["base_wd"] / self.cfg.weight_decay if self.cfg.weight_decay else 0.0
-        values = {k: float(v[step]) for k, v in self.schedules.items()}
+                g["weight_decay"] = wd * g["base_wd"] / base_wd if base_wd else 0.0
         return Step(step, self.epoch, self.steps_per_epoch, self.total_steps, values)
 
     # ------------------------------------------------------------------ checkpoints
@@ -372,11 +376,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _to_device(self, views):
-        cl = self.cfg.channels_last and self.device.type == "cuda"
+        device = self.device
+        cl = self.cfg.channels_last and device.type == "cuda"
         views = views if isinstance(views, (list, tuple)) else [views]
         out = []
         for v in views:
-            v = v.to(self.device, non_blocking=True)
+            if v.device != device:  # (.to would return v itself: a loader that already yields device tensors)
+                v = v.to(device, non_blocking=True)
             if cl and v.ndim == 4:
                 v = v.contiguous(memory_format=torch.channels_last)
             out.append(v)
@@ -418,68 +424,86 @@ class Trainer:
         # first bad step number there): read at log / checkpoint / epoch boundaries, at most min(log_every,
         # steps_per_epoch) steps apart, so a step never syncs and the error still names the first bad step
         self._losses = torch.zeros(min(cfg.log_every, self.steps_per_epoch, end_step) + 1, device=self.device)
+        slots = self._losses.unbind()  # one view per slot, made once (a step copies into its own: no indexing op)
         self._unchecked_from = self.step
-        autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype)) if self.amp_dtype \
-            else nullcontext
+        # what every step looks up, once: the loop below is the engine's host overhead on a small step
+        # (benchmarks/bench_overhead.py), so what does nothing here -- NVTX ranges without a tool attached, autocast
+        # with amp off, a disabled GradScaler's identity scale / pass-through step / no-op update and unscale_ -- is
+        # not entered every step
+        nv_data, nv_fwd, nv_bwd, nv_opt, nv_ema = (nvtx_range(n) for n in
+                                                   ("data", "forward", "backward", "optimizer", "ema"))
+        amp_dtype, device_type = self.amp_dtype, self.device.type
+        scaler = self.scaler if self.scaler.is_enabled() else None
+        model, method, optimizer, zero = self.model, self.method, self.optimizer, self.zero
+        spe, log_every, ckpt_every, clip_grad = self.steps_per_epoch, cfg.log_every, cfg.ckpt_every, cfg.clip_grad
+        is_main, batch_size = self.dist.is_main, cfg.batch_size
         result: dict = {}
-        self.method.train()
+        method.train()
         while self.step < end_step:
             self.loader.set_epoch(self.epoch, self.batch_in_epoch)
             data_iter = iter(self.loader)
-            while self.batch_in_epoch < self.steps_per_epoch and self.step < end_step:
-                with nvtx_range("data"):
+            while self.batch_in_epoch < spe and self.step < end_step:
+                step = self.step
+                with nv_data:
                     try:
                         views, _labels, indices = next(data_iter)
                     except StopIteration:
                         raise RuntimeError(
-                            f"loader ended after {self.batch_in_epoch} of {self.steps_per_epoch} batches in "
+                            f"loader ended after {self.batch_in_epoch} of {spe} batches in "
                             f"epoch {self.epoch}") from None
                     views = self._to_device(views)
-                info = self._apply_schedules(self.step)
-                if self.method.needs_indices:
+                info = self._apply_schedules(step)
+                if method.needs_indices:
                     info.indices = indices.to(self.device, non_blocking=True)
-                with nvtx_range("forward"), autocast():
-                    out = self.model(views, info)
+                if amp_dtype is None:
+                    with nv_fwd:
+                        out = model(views, info)
+                else:
+                    with nv_fwd, torch.autocast(device_type, dtype=amp_dtype):
+                        out = model(views, info)
                 loss = out["loss"]
-                if self.step + 1 == first_step and self.dist.is_main:  # one read, in the first step only: the
-                    first_loss = float(loss.detach())  # bar shows a loss from the start (was: from step 10)
-                self._losses[self.step - self._unchecked_from].copy_(loss.detach())
-                with nvtx_range("backward"):
-                    if self.zero:
-                        self.zero.backward(loss)
+                if step + 1 == first_step and is_main:  # one read, in the first step only: the bar shows a
+                    first_loss = float(loss.detach())  # loss from the start (was: from step 10)
+                slots[step - self._unchecked_from].copy_(loss.detach())
+                with nv_bwd:
+                    if zero:
+                        zero.backward(loss)
                     else:
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.scaler.scale(loss).backward()
-                with nvtx_range("optimizer"):
-                    if self.zero:  # hook on the full averaged grads, clip and step on the shards
-                        self.zero.step(self.method.before_optimizer_step, info)
+                        optimizer.zero_grad(set_to_none=True)
+                        (loss if scaler is None else scaler.scale(loss)).backward()
+                with nv_opt:
+                    if zero:  # hook on the full averaged grads, clip and step on the shards
+                        zero.step(method.before_optimizer_step, info)
                     else:
-                        self.method.before_optimizer_step(info)
-                        if cfg.clip_grad > 0:
-                            self.scaler.unscale_(self.optimizer)
-                            torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.clip_grad, foreach=True)
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                with nvtx_range("ema"):
-                    self.method.after_optimizer_step(info)
-                self.step += 1
+                        method.before_optimizer_step(info)
+                        if clip_grad > 0:
+                            if scaler is not None:
+                                scaler.unscale_(optimizer)
+                            torch.nn.utils.clip_grad_norm_(method.parameters(), clip_grad, foreach=True)
+                        if scaler is None:
+                            optimizer.step()
+                        else:
+                            scaler.step(optimizer)
+                            scaler.update()
+                with nv_ema:
+                    method.after_optimizer_step(info)
+                self.step = step = step + 1
                 self.batch_in_epoch += 1
-                tput.add(cfg.batch_size)
-                if self.step % cfg.log_every == 0 or self.step == end_step:
+                tput.add(batch_size)
+                if step % log_every == 0 or step == end_step:
                     self._check_finite()
-                    rec = {"step": self.step, "epoch": self.epoch, "lr": info["lr"],
+                    rec = {"step": step, "epoch": self.epoch, "lr": info["lr"],
                            **{k: float(v.detach()) for k, v in out.items()}, "img_per_s": tput.rate()}
                     self.logger.log(rec)
                     if self.log_fn:
                         self.log_fn(rec)
                     bar.update(1, loss=f"{rec['loss']:.4f}", lr=f"{info['lr']:.3g}",
                                img_s=f"{rec['img_per_s']:.0f}")
-                elif self.step == first_step and self.dist.is_main:
+                elif step == first_step and is_main:
                     bar.update(1, loss=f"{first_loss:.4f}", lr=f"{info['lr']:.3g}")
                 else:  # the count and ETA move every step (slow CPU steps); loss etc. need a sync: log steps only
                     bar.update(1)
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 \
-                        and self.batch_in_epoch < self.steps_per_epoch:  # (epoch ends save below)
+                if ckpt_every and step % ckpt_every == 0 and self.batch_in_epoch < spe:  # (epoch ends save below)
                     self._check_finite()
                     self.save()
             if self.batch_in_epoch >= self.steps_per_epoch:  # epoch finished
