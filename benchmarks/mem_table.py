@@ -111,8 +111,8 @@ def computed(method: str, arch_name: str, *, batch: int, res: int, amp: bool, ck
     # they are made again by the replay, one block at a time)
     copies = 0
     if amp:
-        mats = (0 if ckpt else vit_matrix_params(v)) - (0 if ckpt or patch_trainable else 3 * v.patch ** 2 * v.dim)
-        mats += 3 * v.patch ** 2 * v.dim if ckpt and patch_trainable else 0
+        patch = 3 * v.patch ** 2 * v.dim
+        mats = (0 if ckpt else vit_matrix_params(v) - patch) + (patch if patch_trainable else 0)
         head_mats = sum(mod.weight.numel() for name, mod in m.named_modules()
                         if isinstance(mod, torch.nn.Linear) and ("projector" in name or "predictor" in name
                                                                 or name.startswith("student_head.mlp"))

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .zero import DS_BUCKET  # the reduce bucket's cap, as ZeroEngine configures DeepSpeed
+
 MIB = 2 ** 20
 GIB = 2 ** 30
-DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def vit_matrix_params(v: ViTShape) -> int:
 
 
 def state_bytes(*, trainable: int, frozen: int, zero_stage: int, world: int, optimizer_slots: int = 2,
-                bucket: int = DS_REDUCE_BUCKET) -> dict[str, float]:
+                bucket: int = DS_BUCKET) -> dict[str, float]:
     """Bytes per GPU of the fp32 model state: ``trainable`` parameters (with gradients and optimizer state),
     ``frozen`` ones (EMA teachers, frozen patch projection: weights only). ``optimizer_slots`` = state tensors
     per parameter (AdamW 2, SGD with momentum 1, LARS 1). DDP (stage 0) counts ``p.grad`` and its bucket
