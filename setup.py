@@ -9,7 +9,7 @@ import sys
 from setuptools import setup
 
 packages = ["fastcl", "fastcl.data", "fastcl.engine", "fastcl.eval", "fastcl.methods", "fastcl.models",
-            "fastcl.kernels"]
+            "fastcl.viz", "fastcl.kernels"]
 # lower bounds only (the versions this project is tested with: DALI 2.4.0, DeepSpeed 0.19.8, torch 2.14.1)
 dali = "nvidia-dali-cuda130>=2.4; platform_system == 'Linux' and platform_machine == 'x86_64'"
 
@@ -33,6 +33,7 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.19"],
-        "dev": ["deepspeed>=0.19", "pytest>=8", "pytest-benchmark>=4", "pytest-timeout"],
+        "viz": ["matplotlib>=3.5"],  # python -m fastcl.viz (attention maps, neighbours, curves, bench bars)
+        "dev": ["deepspeed>=0.19", "matplotlib>=3.5", "pytest>=8", "pytest-benchmark>=4", "pytest-timeout"],
     },
 )

@@ -6,8 +6,14 @@ from pathlib import Path
 
 
 def pyplot():
-    """``matplotlib.pyplot`` on the Agg back end (no display needed; set before pyplot is first imported)."""
-    import matplotlib
+    """``matplotlib.pyplot`` on the Agg back end (no display needed; set before pyplot is first imported).
+    matplotlib is an optional dependency (``pip install -e '.[viz]'``); without it the commands stop with one
+    ``error:`` line (ValueError, as for DeepSpeed) instead of a traceback."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ValueError("the picture commands need matplotlib: pip install matplotlib (or pip install -e "
+                         f"'.[viz]'); import failed: {e}") from None
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

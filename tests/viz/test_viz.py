@@ -337,6 +337,18 @@ def test_curves_bad_input_is_one_error_line(tmp_path, guarded):
     assert r.returncode == 0 and "cut short" in r.stderr and (tmp_path / "torn" / "curves.png").exists()
 
 
+def test_without_matplotlib_a_picture_command_is_one_error_line(tmp_path, guarded, monkeypatch):
+    """matplotlib is an optional extra ('.[viz]'): without it the command names the package to install (was: a
+    ModuleNotFoundError traceback, which is what CI printed when it was missing from the dev extra)."""
+    _write_log(tmp_path / "run")
+    for m in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, m)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    line = _one_error_line(guarded("curves", tmp_path / "run"))
+    assert "matplotlib" in line and "pip install" in line
+    assert not (tmp_path / "run" / "curves.png").exists()
+
+
 # ------------------------------------------------------------------------------------------------ bench
 def test_bench_ratios_are_baseline_over_fused_from_the_json(tmp_path):
     data = json.loads((H200 / "bench_kernels.json").read_text())
