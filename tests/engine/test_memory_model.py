@@ -74,7 +74,7 @@ def test_vit_parameter_count_is_timm_s(name):
 def test_state_bytes_per_stage():
     P, F = 1000, 300
     ddp = state_bytes(trainable=P, frozen=F, zero_stage=0, world=8)
-    assert ddp == {"params": 4 * 1300, "grads": 8 * P, "optimizer": 8 * P}  # p.grad + DDP buckets; AdamW 2 slots
+    assert ddp == {"params": 4 * 1300, "grads": 4 * P, "optimizer": 8 * P}  # p.grad = DDP bucket views; AdamW 2
     z1 = state_bytes(trainable=P, frozen=F, zero_stage=1, world=8)
     z2 = state_bytes(trainable=P, frozen=F, zero_stage=2, world=8)
     assert z1["optimizer"] == z2["optimizer"] == 4 * 3 * P / 8  # moments + fp32 master partition

@@ -142,7 +142,12 @@ def _worker(phase: str, out: Path) -> None:
             t, losses = train(name, cfg_kw, method_kw)
             r = {"state": {k: v.detach().clone() for k, v in t.method.state_dict().items()}, "losses": losses,
                  "state_numel": _state_numel(t.optimizer), "init": init[name]}
-            if t.zero is not None:
+            if t.zero is None:  # DDP: where the gradients live (views into the all-reduce buckets?)
+                grads = [p.grad for p in t.method.parameters() if p.grad is not None]
+                storages = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes() for g in grads}
+                r.update(trainable=sum(p.numel() for p in t.method.parameters() if p.requires_grad),
+                         n_grads=len(grads), grad_storages=len(storages), grad_storage_bytes=sum(storages.values()))
+            else:
                 e = t.zero.engine
                 r.update(stage=e.zero_optimization_stage(), grads_partitioned=e.zero_optimization_partition_gradients(),
                          lr_in_real_optimizer=[g["lr"] for g in t.zero.zero_optimizer.optimizer.param_groups],
@@ -237,6 +242,19 @@ def test_zero_partitions_optimizer_state_and_gradients(runs):
         assert sum(mine) >= full[0]  # ... ZeRO: together all of it (+ alignment padding),
         for n in mine:  # each rank about half
             assert 0.4 * full[0] <= n <= 0.5 * full[0] + 64
+
+
+def test_ddp_gradients_are_views_into_its_buckets(runs):
+    """DDP with gradient_as_bucket_view: every p.grad lives in DDP's all-reduce bucket (one flat buffer for this
+    toy), so the gradients cost 4 bytes per trained parameter, not 8 (p.grad + bucket; failed before: one storage
+    per gradient, 4 of them) -- also after a freeze set some of them to None for an epoch."""
+    from fastcl.engine.memory_model import state_bytes
+    _, r, _ = runs
+    for name in ("ddp", "ddp_freeze", "ddp_sgd"):
+        d = r[name]
+        assert d["n_grads"] == 4 and d["grad_storages"] == 1, (name, d["n_grads"], d["grad_storages"])
+        assert d["grad_storage_bytes"] == state_bytes(trainable=d["trainable"], frozen=0, zero_stage=0,
+                                                      world=2)["grads"]
 
 
 def test_zero_state_per_rank_is_what_the_memory_model_counts(runs):
