@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_session.sh [PART ...]     # default: tests step kernels cifar data
 #
 # Parts, in the order of value of the GPU-proof issue:
-#   tests    the GPU-only tests: kernels in fp32/fp16/bf16 compiled for the real GPU, DALI's GPU graph
+#   tests    the GPU-only tests: kernels in fp32/fp16/bf16 compiled for the real GPU, DALI's GPU graph, the
+#            device-resident augmentation on CUDA (equal to its CPU run, seeded)
 #   cifar    the CIFAR-10 speedrun (benchmarks/cifar_run.py): $FASTCL_CIFAR_RECIPES (default mocov2_r50, comma
 #            list) for $FASTCL_CIFAR_EPOCHS epochs or as many as fit $FASTCL_CIFAR_BUDGET s (default 300) each, kNN
 #            against minutes (needs CIFAR-10 under $FASTCL_DATA); $FASTCL_CIFAR_ARGS go to the recipe
@@ -62,6 +63,7 @@ run_part() {
   case $1 in
     tests) step tests_gpu "${FASTCL_TESTS_LIMIT:-120}" $PYTEST tests/kernels tests/data/test_dali.py tests/data/test_dali_color.py \
              tests/data/test_dali_resume.py tests/data/test_dali_shards.py tests/engine/test_grad_ckpt.py \
+             tests/data/test_gpu_augment.py::test_cuda_matches_cpu_and_is_deterministic \
              -q -rs $XDIST --timeout 90 --junitxml "$OUT/logs/tests_gpu.xml" ;;
     cifar) step cifar "$((${FASTCL_CIFAR_BUDGET:-300} + 30))" $PY benchmarks/cifar_run.py --budget "${FASTCL_CIFAR_BUDGET:-300}" \
              --recipe "${FASTCL_CIFAR_RECIPES:-mocov2_r50}" ${FASTCL_CIFAR_EPOCHS:+--epochs "$FASTCL_CIFAR_EPOCHS"} \
