@@ -9,7 +9,8 @@ synthetic loader; a step is timed as the mean over ``steps`` steps between two d
 a step that never syncs lets the CPU run ahead as it would in training. "hand" is a plain-PyTorch
 transcription of facebookresearch/moco (builder.py + main_moco.py's step: per-parameter momentum loop,
 logits materialised, ``int(queue_ptr)``), given the same bf16 autocast and channels_last, as the baseline a
-user would write. "compiled" is ``--compile default``: the method's forward and fused loss in one graph.
+user would write. "compiled" is ``--compile default``: the method's forward and fused loss in one graph;
+"cudagraphs" (MoCo v2 R50, last in the file) is ``--compile reduce-overhead``: the same graphs replayed as CUDA graphs.
 
 The projection: one epoch of ImageNet-1k is 1,281,167 images; 200 epochs on G GPUs at S img/s per GPU take
 200 * 1281167 / (S * G) seconds. The reference is the MoCo paper's "MoCo v2 ... 200 epochs ... 53 hours in
@@ -357,5 +358,24 @@ def test_mocov2_step_compiled(tmp_path, benchmark):
     print(_budget_line("compiled", t))
     benchmark.extra_info.update(ms_per_step=t * 1e3, img_per_s=BATCH / t, total_s=total)
     _record(bench="mocov2_step_compiled", arch=ARCH, batch=BATCH, size=SIZE, K=K, ms_per_step=t * 1e3,
+            img_per_s=BATCH / t, seconds_with_compilation=total,
+            imagenet_200ep_hours_1gpu=200 * IMAGENET_TRAIN / (BATCH / t) / 3600)
+
+
+@pytest.mark.skipif(CPU_SMOKE, reason="GPU sizes")
+@pytest.mark.skipif(os.environ.get("FASTCL_BENCH_COMPILE") == "0", reason="FASTCL_BENCH_COMPILE=0")
+def test_mocov2_step_cudagraphs(tmp_path, benchmark):
+    """MoCo v2 R50 under ``--compile reduce-overhead``: the compiled graphs replayed as CUDA graphs (host launch
+    cost gone; the queue, EMA and optimizer steps stay eager). After the plain compiled step, so the ratio of the
+    two is read off one run; the very last in the file."""
+    t0 = time.perf_counter()
+    t = benchmark.pedantic(lambda: time_trainer(moco(), BATCH, [SIZE, SIZE], tmp_path, "g", compile="reduce-overhead"),
+                           rounds=1, iterations=1)
+    total = time.perf_counter() - t0
+    print(f"\nMoCo v2 {ARCH} batch {BATCH} CUDA graphs (--compile reduce-overhead): {t * 1e3:.1f} ms/step, "
+          f"{BATCH / t:.0f} img/s ({total:.0f} s in all with compilation)")
+    print(_budget_line("cudagraphs", t))
+    benchmark.extra_info.update(ms_per_step=t * 1e3, img_per_s=BATCH / t, total_s=total)
+    _record(bench="mocov2_step_cudagraphs", arch=ARCH, batch=BATCH, size=SIZE, K=K, ms_per_step=t * 1e3,
             img_per_s=BATCH / t, seconds_with_compilation=total,
             imagenet_200ep_hours_1gpu=200 * IMAGENET_TRAIN / (BATCH / t) / 3600)

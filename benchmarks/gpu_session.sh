@@ -16,7 +16,8 @@
 #            against minutes (needs CIFAR-10 under $FASTCL_DATA); $FASTCL_CIFAR_ARGS go to the recipe
 #            (e.g. FASTCL_CIFAR_RECIPES=simclr_r50 FASTCL_CIFAR_ARGS="--preset cifar_fast")
 #   step     training steps: MoCo v2 R50 hand loop / torch / fused / split BN / compiled, CIFAR split BN, SimCLR and
-#            BYOL R50 hand / eager / compiled, DINO ViT-S/16, S/8 eager / compiled (all of it takes ~8 min:
+#            BYOL R50 hand / eager / compiled, DINO ViT-S/16, S/8 eager / compiled, MoCo v2 R50 under CUDA graphs
+#            (--compile reduce-overhead, last) (all of it takes ~8 min:
 #            FASTCL_STEP_K="mocov2 or dino" selects, FASTCL_BENCH_COMPILE=0 drops the compiled variants)
 #   kernels  the fused kernels against torch and their floors; the engine's host overhead on an empty step
 #   data     the DALI pipeline's throughput (needs DALI staged)
@@ -64,6 +65,7 @@ run_part() {
     tests) step tests_gpu "${FASTCL_TESTS_LIMIT:-120}" $PYTEST tests/kernels tests/data/test_dali.py tests/data/test_dali_color.py \
              tests/data/test_dali_resume.py tests/data/test_dali_shards.py tests/engine/test_grad_ckpt.py \
              tests/data/test_gpu_augment.py::test_cuda_matches_cpu_and_is_deterministic \
+             tests/engine/test_compile.py::test_cuda_graph_steps_equal_eager \
              -q -rs $XDIST --timeout 90 --junitxml "$OUT/logs/tests_gpu.xml" ;;
     cifar) step cifar "$((${FASTCL_CIFAR_BUDGET:-300} + 30))" $PY benchmarks/cifar_run.py --budget "${FASTCL_CIFAR_BUDGET:-300}" \
              --recipe "${FASTCL_CIFAR_RECIPES:-mocov2_r50}" ${FASTCL_CIFAR_EPOCHS:+--epochs "$FASTCL_CIFAR_EPOCHS"} \

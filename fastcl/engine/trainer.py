@@ -438,6 +438,10 @@ class Trainer:
                                                    ("data", "forward", "backward", "optimizer", "ema"))
         amp_dtype, device_type = self.amp_dtype, self.device.type
         scaler = self.scaler if self.scaler.is_enabled() else None
+        # CUDA graphs (--compile reduce-overhead): each step starts a new iteration of the recorded graphs, whose
+        # replay may overwrite the last step's outputs -- nothing of them is read after its own step (the loss is
+        # copied into its slot, logged values are read in that step), so this is said explicitly, not inferred
+        mark_step = torch.compiler.cudagraph_mark_step_begin if self.compile_mode == "reduce-overhead" else None
         model, method, optimizer, zero = self.model, self.method, self.optimizer, self.zero
         spe, log_every, ckpt_every, clip_grad = self.steps_per_epoch, cfg.log_every, cfg.ckpt_every, cfg.clip_grad
         is_main, batch_size = self.dist.is_main, cfg.batch_size
@@ -459,6 +463,8 @@ class Trainer:
                 info = self._apply_schedules(step)
                 if method.needs_indices:
                     info.indices = indices.to(self.device, non_blocking=True)
+                if mark_step is not None:
+                    mark_step()
                 if amp_dtype is None:
                     with nv_fwd:
                         out = model(views, info)
