@@ -73,9 +73,12 @@ class MoCo(Method):
     @torch.no_grad()
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
         if self.single_device:  # split BN + local shuffle emulates shuffle BN
-            perm = torch.randperm(im_k.shape[0], device=im_k.device)
-            k = self.projector_k(self.backbone_k(im_k[perm]))
-            k = k[torch.argsort(perm)]
+            # both indices come out of argsort, never straight from randperm: torch 2.11's inductor rewrites
+            # x[randperm(n)] (pattern randperm_index) and fails on it, so the whole forward fell back to eager
+            # ("WON'T CONVERT forward"); the inverse of a uniform permutation is uniform too
+            shuffle = torch.argsort(torch.randperm(im_k.shape[0], device=im_k.device))
+            k = self.projector_k(self.backbone_k(im_k[shuffle]))
+            k = k[torch.argsort(shuffle)]
         else:
             im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
             k = batch_unshuffle_ddp(self.projector_k(self.backbone_k(im_k)), idx_unshuffle)

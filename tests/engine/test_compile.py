@@ -114,6 +114,40 @@ def test_compiled_steps_equal_eager_in_one_graph(name, tmp_path, monkeypatch):
         torch.testing.assert_close(sd_c[k], sd_e[k], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name} {k}: {m}")
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_no_indexing_straight_from_randperm(name):
+    """torch 2.11's inductor (the GPU image's) rewrites ``x[torch.randperm(n)]`` with its randperm_index pattern and
+    fails on it ("Not all inputs to pattern found"), and the whole forward then runs eager ("WON'T CONVERT"): MoCo's
+    split-BN shuffle did exactly that, so on that torch --compile did nothing for MoCo. No method's graph may index
+    with a randperm output directly (failed before: MoCo v1/v2's shuffle). Checked on dynamo's graph, any torch."""
+    from fastcl.methods.base import Step
+
+    build, sizes = METHODS[name]
+    torch.manual_seed(0)
+    method = build()
+    views = [torch.rand(8, 3, s, s) for s in sizes]
+    step = Step(0, 0, 1, 1, {k: float(v[0]) for k, v in method.schedules(1, 1).items()},
+                indices=torch.arange(8) if method.needs_indices else None)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(method, backend=capture, fullgraph=True)(views, step)
+    finally:
+        torch._dynamo.reset()
+    bad = []
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is torch.randperm:
+                bad += [f"{u.target} <- {node.name}" for u in node.users
+                        if getattr(u.target, "__name__", "") in ("getitem", "index_select", "index")]
+    assert graphs and not bad, f"{name}: indexing straight from randperm: {bad}"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 @pytest.mark.parametrize("name", ["mocov2", "dino"])
