@@ -344,22 +344,27 @@ def test_dino_vits_step(tmp_path, benchmark, patch):
 
 
 # ------------------------------------------------------------------------------------------- compiled (last: slow)
+def _mocov2_compiled(tmp_path, benchmark, mode: str, label: str, bench: str) -> None:
+    """Time MoCo v2 R50 under ``--compile MODE``; the compilation time is printed apart."""
+    t0 = time.perf_counter()
+    t = benchmark.pedantic(lambda: time_trainer(moco(), BATCH, [SIZE, SIZE], tmp_path, mode, compile=mode),
+                           rounds=1, iterations=1)
+    total = time.perf_counter() - t0
+    print(f"\nMoCo v2 {ARCH} batch {BATCH} {label} (--compile {mode}): {t * 1e3:.1f} ms/step, {BATCH / t:.0f} img/s "
+          f"({total:.0f} s in all with compilation)")
+    print(_budget_line(label, t))
+    benchmark.extra_info.update(ms_per_step=t * 1e3, img_per_s=BATCH / t, total_s=total)
+    _record(bench=bench, arch=ARCH, batch=BATCH, size=SIZE, K=K, ms_per_step=t * 1e3,
+            img_per_s=BATCH / t, seconds_with_compilation=total,
+            imagenet_200ep_hours_1gpu=200 * IMAGENET_TRAIN / (BATCH / t) / 3600)
+
+
 @pytest.mark.skipif(CPU_SMOKE, reason="GPU sizes")
 def test_mocov2_step_compiled(tmp_path, benchmark):
     """MoCo v2 R50 as ``--compile default`` runs it (the method's forward + fused loss in one torch.compile
-    graph, hence its backward too), fused kernels; the compilation time is printed apart. Last in the file:
-    on a time-boxed GPU call it is the one to lose."""
-    t0 = time.perf_counter()
-    t = benchmark.pedantic(lambda: time_trainer(moco(), BATCH, [SIZE, SIZE], tmp_path, "c", compile="default"),
-                           rounds=1, iterations=1)
-    total = time.perf_counter() - t0
-    print(f"\nMoCo v2 {ARCH} batch {BATCH} compiled (--compile default): {t * 1e3:.1f} ms/step, {BATCH / t:.0f} img/s "
-          f"({total:.0f} s in all with compilation)")
-    print(_budget_line("compiled", t))
-    benchmark.extra_info.update(ms_per_step=t * 1e3, img_per_s=BATCH / t, total_s=total)
-    _record(bench="mocov2_step_compiled", arch=ARCH, batch=BATCH, size=SIZE, K=K, ms_per_step=t * 1e3,
-            img_per_s=BATCH / t, seconds_with_compilation=total,
-            imagenet_200ep_hours_1gpu=200 * IMAGENET_TRAIN / (BATCH / t) / 3600)
+    graph, hence its backward too), fused kernels. Near the end of the file: on a time-boxed GPU call it is
+    one of the ones to lose."""
+    _mocov2_compiled(tmp_path, benchmark, "default", "compiled", "mocov2_step_compiled")
 
 
 @pytest.mark.skipif(CPU_SMOKE, reason="GPU sizes")
@@ -368,14 +373,4 @@ def test_mocov2_step_cudagraphs(tmp_path, benchmark):
     """MoCo v2 R50 under ``--compile reduce-overhead``: the compiled graphs replayed as CUDA graphs (host launch
     cost gone; the queue, EMA and optimizer steps stay eager). After the plain compiled step, so the ratio of the
     two is read off one run; the very last in the file."""
-    t0 = time.perf_counter()
-    t = benchmark.pedantic(lambda: time_trainer(moco(), BATCH, [SIZE, SIZE], tmp_path, "g", compile="reduce-overhead"),
-                           rounds=1, iterations=1)
-    total = time.perf_counter() - t0
-    print(f"\nMoCo v2 {ARCH} batch {BATCH} CUDA graphs (--compile reduce-overhead): {t * 1e3:.1f} ms/step, "
-          f"{BATCH / t:.0f} img/s ({total:.0f} s in all with compilation)")
-    print(_budget_line("cudagraphs", t))
-    benchmark.extra_info.update(ms_per_step=t * 1e3, img_per_s=BATCH / t, total_s=total)
-    _record(bench="mocov2_step_cudagraphs", arch=ARCH, batch=BATCH, size=SIZE, K=K, ms_per_step=t * 1e3,
-            img_per_s=BATCH / t, seconds_with_compilation=total,
-            imagenet_200ep_hours_1gpu=200 * IMAGENET_TRAIN / (BATCH / t) / 3600)
+    _mocov2_compiled(tmp_path, benchmark, "reduce-overhead", "CUDA graphs", "mocov2_step_cudagraphs")

@@ -26,11 +26,11 @@ records of a real step on the CPU (fp32 and bf16 autocast, with and without chec
 
 State per GPU, ``P`` trainable parameters, ``W`` data-parallel processes (DeepSpeed with fp32 parameters, as
 ``fastcl.engine.zero`` configures it): the model and its EMA teacher are whole on every GPU; gradients are 4P under
-DDP (``p.grad`` is a view into DDP's all-reduce buckets: ``gradient_as_bucket_view``), 4P under ZeRO-1 (whole gradients, partitioned only at the
-step) and 4P/W under ZeRO-2, both ZeRO stages plus DeepSpeed's reduce bucket (``min(5e8, P)`` elements as
-``fastcl.engine.zero`` sizes it); AdamW's two moments are 8P, or 8P/W under ZeRO-1/2, which also
-keep an fp32 master copy of their partition (4P/W). Under bf16 autocast the forward keeps a bf16 copy of every
-trained weight matrix for its backward (2 bytes per weight).
+DDP (``p.grad`` is a view into DDP's all-reduce buckets: ``gradient_as_bucket_view``), 4P under ZeRO-1 (whole
+gradients, partitioned only at the step) and 4P/W under ZeRO-2, both ZeRO stages plus DeepSpeed's reduce bucket
+(``min(5e8, P)`` elements as ``fastcl.engine.zero`` sizes it); AdamW's two moments are 8P, or 8P/W under ZeRO-1/2,
+which also keep an fp32 master copy of their partition (4P/W). Under bf16 autocast the forward keeps a bf16 copy of
+every trained weight matrix for its backward (2 bytes per weight).
 """
 from __future__ import annotations
 
@@ -117,8 +117,8 @@ def state_bytes(*, trainable: int, frozen: int, zero_stage: int, world: int, opt
     """Bytes per GPU of the fp32 model state: ``trainable`` parameters (with gradients and optimizer state),
     ``frozen`` ones (EMA teachers, frozen patch projection: weights only). ``optimizer_slots`` = state tensors
     per parameter (AdamW 2, SGD with momentum 1, LARS 1). DDP (stage 0) counts ``p.grad``, which is a view
-    into its buckets (``gradient_as_bucket_view=True``, as the Trainer wraps it); ZeRO-1 whole gradients, ZeRO-2 their partition, both plus one reduce bucket of ``min(bucket,
-    trainable)`` elements."""
+    into its buckets (``gradient_as_bucket_view=True``, as the Trainer wraps it); ZeRO-1 whole gradients,
+    ZeRO-2 their partition, both plus one reduce bucket of ``min(bucket, trainable)`` elements."""
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage must be 0, 1 or 2, got {zero_stage}")
     if world < 1:

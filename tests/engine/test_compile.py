@@ -78,15 +78,17 @@ class Views:
             yield views, torch.zeros(8, dtype=torch.long), idx
 
 
-def _run(name, compile_mode, tmp_path):
-    build, sizes = METHODS[name]
+def _run(name, compile_mode, tmp_path, *, build=None, dist=CPU, **cfg_kw):
+    """Train METHODS[name] (or ``build()``) on its 3 fixed batches; the losses and the final state dict."""
+    default_build, sizes = METHODS[name]
     torch.manual_seed(0)
-    method = build()
-    cfg = TrainConfig(out_dir=str(tmp_path / compile_mode), epochs=1, batch_size=8, lr=0.05, weight_decay=1e-4,
-                      log_every=1, resume="none", knn_every=0, amp="none", compile=compile_mode)
+    method = (build or default_build)()
+    cfg = TrainConfig(**{**dict(out_dir=str(tmp_path / compile_mode), epochs=1, batch_size=8, lr=0.05,
+                                weight_decay=1e-4, log_every=1, resume="none", knn_every=0, amp="none",
+                                compile=compile_mode), **cfg_kw})
     losses = []
     torch.manual_seed(1)
-    Trainer(method, Views(sizes), cfg, CPU, log_fn=losses.append).fit()
+    Trainer(method, Views(sizes), cfg, dist, log_fn=losses.append).fit()
     return [r["loss"] for r in losses], method.state_dict()
 
 
@@ -159,21 +161,15 @@ def test_cuda_graph_steps_equal_eager(name, tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-    build, sizes = METHODS[name]
+    build = None
     if name == "dino":
         def build():
             return DINO(net(), 16, out_dim=32, hidden_dim=16, bottleneck_dim=8, warmup_teacher_temp_epochs=3)
-    dev = DistInfo(0, 1, 0, torch.device("cuda"))
 
     def run(mode):
-        torch.manual_seed(0)
-        method = build()
-        cfg = TrainConfig(out_dir=str(tmp_path / mode), epochs=3, batch_size=8, lr=0.05, weight_decay=1e-4,
-                          warmup_epochs=1, log_every=1, resume="none", knn_every=0, amp="none", compile=mode)
-        losses = []
-        torch.manual_seed(1)
-        Trainer(method, Views(sizes), cfg, dev, log_fn=losses.append).fit()
-        return [r["loss"] for r in losses], {k: v.cpu() for k, v in method.state_dict().items()}
+        losses, sd = _run(name, mode, tmp_path, build=build, dist=DistInfo(0, 1, 0, torch.device("cuda")),
+                          epochs=3, warmup_epochs=1)
+        return losses, {k: v.cpu() for k, v in sd.items()}
 
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
