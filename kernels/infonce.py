@@ -668,9 +668,14 @@ contrastive_lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
 
 def contrastive_lse_reference(q, keys, temperature, pos_index=None, pos_keys=None, self_index=None,
                               normalize_q=True, normalize_keys=True, normalize_pos=True):
-    """Per-row InfoNCE losses (N,) in fp32; see the module docstring for the math."""
-    qf = q.float()
-    kf = keys.float()
+    """Per-row InfoNCE losses (N,) in fp32 (float64 for float64 inputs); see the module docstring for the math.
+
+    16-bit inputs are upcast; float64 stays float64: a cast down and back would lose the precision that float64
+    checks rely on, and torch 2.11's inductor fails on that f64 -> f32 -> f64 round trip in the backward
+    ("expected m1 and m2 to have the same dtype")."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(acc)
+    kf = keys.to(acc)
     if normalize_q:
         qf = F.normalize(qf, dim=1)
     if normalize_keys:
@@ -679,7 +684,7 @@ def contrastive_lse_reference(q, keys, temperature, pos_index=None, pos_keys=Non
     if self_index is not None:
         logits = logits.scatter(1, self_index.view(-1, 1), float("-inf"))
     if pos_keys is not None:
-        pf = pos_keys.float()
+        pf = pos_keys.to(acc)
         if normalize_pos:
             pf = F.normalize(pf, dim=1)
         l_pos = (qf * pf).sum(1, keepdim=True)  # N x 1
@@ -698,7 +703,7 @@ def contrastive_lse_reference(q, keys, temperature, pos_index=None, pos_keys=Non
 
 def contrastive_lse(q, keys, temperature, pos_index=None, pos_keys=None, self_index=None,
                     normalize_q=True, normalize_keys=True, normalize_pos=True):
-    """Per-row InfoNCE losses (N,) fp32. Exactly one of ``pos_index`` (positive = keys[pos_index[i]])
+    """Per-row InfoNCE losses (N,) fp32 (float64 for float64 inputs). Exactly one of ``pos_index`` (positive = keys[pos_index[i]])
     or ``pos_keys`` (positive = pos_keys[i], an (N, C) tensor not among ``keys``) must be given.
     ``self_index`` (N,) int64 excludes column self_index[i] from row i's softmax."""
     if (pos_index is None) == (pos_keys is None):

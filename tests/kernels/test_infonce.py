@@ -97,6 +97,24 @@ def test_moco_mixed_dtypes(backend):
     assert_verbose_allclose(k1.grad, k2.grad, 2e-2, 2e-3, "dk")
 
 
+def test_float64_inputs_are_computed_in_float64(backend):
+    """float64 in, float64 out, equal to the float64 formula to 1e-12 (the kernels take 16/32-bit rows; float64
+    goes to the reference, which computed in fp32 before: 1e-7 off, and torch 2.11's inductor failed on its
+    f64 -> f32 -> f64 round trip in the compiled backward)."""
+    q1, q2 = _leaves((9, 16), torch.float64, 21)
+    k1, k2 = _leaves((9, 16), torch.float64, 22)
+    queue = F.normalize(torch.randn(40, 16, generator=torch.Generator().manual_seed(23), dtype=torch.float64),
+                        dim=1).to(DEV)
+    out = moco_infonce(q1, k1, queue, 0.2)
+    ref = ref_moco(q2, k2, queue, 0.2)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=0)
+    out.backward()
+    ref.backward()
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(k1.grad, k2.grad, rtol=1e-12, atol=1e-15)
+
+
 def test_moco_no_normalize_and_no_key_grad(backend):
     q1, q2 = _leaves((9, 16), torch.float32, 4)
     k = torch.randn(9, 16, device=DEV)
