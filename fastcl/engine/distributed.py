@@ -91,12 +91,17 @@ def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks; gradients flow back to every rank's rows (SimCLR negatives)."""
+    """Concatenate ``x`` from all ranks; gradients flow back to every rank's rows, summed over ranks (SimCLR's
+    negatives). A functional collective, which torch.compile traces: ``torch.distributed.nn.functional.all_gather``
+    raises under it, and the whole method forward then ran eager under DDP + ``--compile`` (no error, one warning)."""
     if not is_dist():
         return x
-    import torch.distributed.nn.functional as dist_fn
+    import torch.distributed._functional_collectives as fc
 
-    return torch.cat(dist_fn.all_gather(x.contiguous()))
+    # (torch 2.11 names it all_gather_tensor_autograd; 2.14 renamed it and warns on the old name)
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    out = gather(x.contiguous(), 0, dist.group.WORLD)
+    return out.wait() if isinstance(out, fc.AsyncCollectiveTensor) else out
 
 
 def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -115,9 +120,10 @@ def batch_shuffle_ddp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(x_shuffled_local, idx_unshuffle)``; equal batch sizes on every rank are required.
     """
     x_all = all_gather_nograd(x)
-    perm = torch.randperm(x_all.shape[0], device=x.device)
-    if is_dist():
-        dist.broadcast(perm, src=0)  # every rank must use rank 0's permutation
+    n = x_all.shape[0]
+    # every rank must use rank 0's permutation: gathered, not broadcast (dist.broadcast breaks the compiled graph
+    # in two; all_gather is traced), a few bytes per image beside the images just gathered
+    perm = all_gather_nograd(torch.randperm(n, device=x.device))[:n]
     idx_unshuffle = torch.argsort(perm)
     rank, world = get_rank(), get_world_size()
     return x_all[perm.view(world, -1)[rank]], idx_unshuffle.view(world, -1)[rank]
