@@ -25,6 +25,20 @@ if TYPE_CHECKING:  # torch and the engine are imported where used: `recipe --hel
     from .engine import DistInfo, TrainConfig
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's contract for bad input: one ``error:`` line naming the flag, exit code 1
+    (argparse prints its whole usage block, dozens of lines for a recipe, and exits 2). Sub-commands
+    (``add_subparsers``) inherit it."""
+
+    def error(self, message: str):
+        usage_error(message)
+
+
+def usage_error(message: str):
+    print(f"error: {message} (--help lists the flags)", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def base_parser() -> argparse.ArgumentParser:
     """Arguments shared by all recipes (``add_help=False`` so recipes can use it as a parent)."""
     p = argparse.ArgumentParser(add_help=False)
@@ -141,6 +155,7 @@ def annotate_help(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> 
 
 def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv=None) -> argparse.Namespace:
     """Parse, then fill every argument left at None from the chosen preset."""
+    parser.error = usage_error  # (recipes build plain argparse parsers): one error line, exit 1
     annotate_help(parser, presets)
     args = parser.parse_args(argv)
     args.batch_size_given = args.batch_size is not None  # a preset's batch may be lowered on a CPU, a given one not

@@ -37,7 +37,6 @@ The DALI back end reads the same shards with ``fn.readers.webdataset`` (``fastcl
 """
 from __future__ import annotations
 
-import argparse
 import io
 import multiprocessing
 import multiprocessing.context
@@ -498,7 +497,9 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, shard_size: int
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m fastcl.data.shards",
+    from ..cli import ArgumentParser, main_guard
+
+    p = ArgumentParser(prog="python -m fastcl.data.shards",
                                 description="Write a folder of images as WebDataset tar shards (KEY.jpg [+ KEY.cls]).")
     p.add_argument("--src", required=True, help="folder of images (any depth); with --labels one sub-folder per class")
     p.add_argument("--out", required=True, help="folder for the shards")
@@ -506,7 +507,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--labels", action="store_true", help="the top-level sub-folders are classes: write KEY.cls")
     p.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
     args = p.parse_args(argv)
-    from ..cli import main_guard
 
     def run():
         pattern, n, skipped = write_shards(args.src, args.out, args.shard_size, labels=args.labels, prefix=args.prefix)

@@ -257,7 +257,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args(argv)
+    from ..cli import ArgumentParser
+
+    args = ArgumentParser("python -m fastcl.eval.export", parents=[get_args_parser()]).parse_args(argv)
     try:
         obj = export_backbone(args.checkpoint, args.arch, args.out, args.format, verify=not args.no_verify)
     except (FileNotFoundError, ValueError) as e:

@@ -333,7 +333,9 @@ def _feature_cache_key(checkpoint: str, arch: str, data: str, size: int, train_s
 
 # ============ main ============
 def main(argv: list[str] | None = None) -> dict:
-    args = argparse.ArgumentParser("fastcl linear probe", parents=[get_args_parser()]).parse_args(argv)
+    from ..cli import ArgumentParser
+
+    args = ArgumentParser("fastcl linear probe", parents=[get_args_parser()]).parse_args(argv)
     for flag in ("train_samples", "val_samples", "epochs", "batch_size"):
         if getattr(args, flag) < (1 if flag in ("epochs", "batch_size") else 0):
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {1 if flag in ('epochs', 'batch_size') else 0}, "

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import ArgumentParser
+
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m fastcl.viz", description="Pictures of a run: PNGs written next to the "
+    p = ArgumentParser("python -m fastcl.viz", description="Pictures of a run: PNGs written next to the "
                                 "input (or into --out), their paths printed.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{attention,neighbors,curves,bench}")
     a = sub.add_parser("attention", help="a ViT's last-block CLS attention per head on an image, with DINO's masks")

@@ -99,6 +99,38 @@ def test_nonsense_flags_are_refused_up_front_in_one_line(argv, message, tmp_path
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--kernels", "cuda"], "error: argument --kernels: invalid choice: 'cuda'"),
+    (["--batch-size", "abc"], "error: argument --batch-size: invalid int value: 'abc'"),
+    (["--epochs"], "error: argument --epochs: expected one argument"),
+    (["--bogus", "1"], "error: unrecognized arguments: --bogus 1"),
+    (["--preset", "nope"], "error: argument --preset: invalid choice: 'nope'"),
+])
+def test_argparse_errors_are_one_line_and_exit_1(argv, message, tmp_path, capsys):
+    """What argparse itself refuses (a bad choice or type, a missing value, an unknown flag) follows the same
+    contract as the checks above: one error line naming the flag, exit 1 (was: the whole usage block, ~40
+    lines, and exit 2)."""
+    code, err = _guarded("mocov2_r50", argv + ["--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and err.startswith(message), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("module,argv,flag", [
+    ("fastcl.viz.__main__", ["nope"], "invalid choice: 'nope'"),
+    ("fastcl.viz.__main__", ["attention", "--image", "x.jpg"], "required: --checkpoint"),
+    ("fastcl.eval.linear", ["--data", "cifar10"], "required: --checkpoint"),
+    ("fastcl.eval.export", ["--checkpoint", "a", "--out", "b", "--format", "onnx"], "argument --format"),
+    ("fastcl.data.shards", ["--src", "x", "--shard-size", "many"], "argument --shard-size"),
+])
+def test_every_command_line_tool_refuses_bad_flags_in_one_line(module, argv, flag, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: ") and flag in err, err
+
+
 def test_bad_resume_files_are_one_error_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pth")
