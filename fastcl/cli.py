@@ -371,6 +371,17 @@ def resolved_line(args, cfg, loader, trainer) -> str:
             f"kNN {knn}")
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of ``e``; for an error re-raised from a DataLoader worker ("Caught ValueError in DataLoader
+    worker process 0. Original Traceback ..."), the worker's own message, its traceback's last line."""
+    msg = str(e)
+    if "\nOriginal Traceback" in msg:
+        last = [line for line in msg.splitlines() if line.strip()][-1]
+        prefix = f"{type(e).__name__}: "
+        msg = last[len(prefix):] if last.startswith(prefix) else last
+    return msg
+
+
 def main_guard(fn: Callable[[], object]) -> None:
     """Run a recipe's main; turn expected user errors into one clear line and a non-zero exit, and a stop by
     SIGTERM (torchrun, a scheduler) or Ctrl-C into one line too (was: a long traceback, e.g. during kNN)."""
@@ -393,5 +404,5 @@ def main_guard(fn: Callable[[], object]) -> None:
 
             if not isinstance(e, NonFiniteLossError):
                 raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(1)

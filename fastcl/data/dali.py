@@ -629,8 +629,10 @@ class DaliLoader(EpochPosition):
         if warn:
             warnings.warn(f"DaliLoader: cannot decode {self.paths[i]!r} ({reason}); substituting the next good "
                           f"sample ({len(self._bad)} bad file(s) so far)", RuntimeWarning, stacklevel=3)
-        if len(self._bad) == len(self.paths):
-            raise RuntimeError(f"DaliLoader({str(self.root)!r}): no decodable image left")
+        if len(self._bad) == len(self.paths):  # (a user's data: one error line, exit 1, via cli.main_guard)
+            shown = ", ".join(f"{p} ({r})" for p, r in list(self.bad_files.items())[:2])
+            raise ValueError(f"--data {self.root}: none of its {len(self.paths)} image file(s) can be decoded, "
+                             f"e.g. {shown}")
 
     def _fresh_pipe(self):
         if self._pipe is not None and self._clean:

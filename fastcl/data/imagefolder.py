@@ -151,7 +151,8 @@ class ImageFileDataset(Dataset):
                     if self.transform is not None:
                         img = self.transform(img)
                     return img, label, int(index)
-        raise RuntimeError(f"{type(self).__name__}({self.name!r}): no readable image at all")
+        example = f", e.g. {self.samples[0][0]}" if n else ""  # (a user's data: one error line via cli.main_guard)
+        raise ValueError(f"{self.name or type(self).__name__}: none of its {n} image file(s) can be read{example}")
 
     def verify(self) -> list[str]:
         """Decode every file now; returns the paths that fail (does not change ``num_bad_loads``)."""

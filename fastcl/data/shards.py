@@ -411,7 +411,7 @@ class ShardLoader(EpochPosition):
                 continue
             x = self.transform(img) if self.transform is not None else img
             return x, -1 if label is None else label, index
-        raise RuntimeError(f"--data {self.index.source}: no decodable image")
+        raise ValueError(f"--data {self.index.source}: no decodable image")
 
     def _locate(self, index: int) -> tuple[int, int]:
         s = int(np.searchsorted(self.index.starts, index, side="right") - 1)

@@ -111,6 +111,7 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.schedules = self._build_schedules()
         self._out_lock = claim_out_dir(cfg.out_dir) if dist_info.is_main else None  # one run per --out
+        self._bar: Progress | None = None  # the progress bar, while fit() runs
         try:
             self._setup(log_fn, on_cuda)
         except BaseException:  # a refused resume, a bad option: the folder is free again for the next try
@@ -414,6 +415,8 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if self._bar is not None:  # (an error's line then starts on a line of its own, not after the bar)
+                self._bar.close()
             self.logger.close()
             if self._out_lock is not None:
                 self._out_lock.release()
@@ -421,7 +424,7 @@ class Trainer:
     def _fit(self) -> dict:
         cfg = self.cfg
         end_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
-        bar = Progress(end_step, self.step, enabled=self.dist.is_main)
+        bar = self._bar = Progress(end_step, self.step, enabled=self.dist.is_main)
         first_step, first_loss = self.step + 1, float("nan")  # the bar's loss before the first log step
         tput = Throughput()
         # every step's loss since the last check, on the device (one copy per step; was 6 ops per step keeping the

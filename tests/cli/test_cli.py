@@ -131,6 +131,24 @@ def test_every_command_line_tool_refuses_bad_flags_in_one_line(module, argv, fla
     assert e.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: ") and flag in err, err
 
 
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_a_folder_of_undecodable_images_is_one_error_line(backend, tmp_path, capsys):
+    """Every file is an image by name and none decodes: one error line naming the folder and a file (was: a
+    RuntimeError traceback from DALI's pre-scan; through a torchvision DataLoader worker, the worker's whole
+    traceback inside the message)."""
+    bad = tmp_path / "photos"
+    bad.mkdir()
+    (bad / "a.jpg").write_text("not an image")
+    (bad / "b.png").write_bytes(b"x")
+    code, err = _guarded("simclr_r50", ["--data", str(bad), "--data-backend", backend, "--workers", "1",
+                                        "--arch", "resnet18", "--batch-size", "2", "--max-steps", "1",
+                                        "--knn-every", "0", "--out", str(tmp_path / "o")], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error") or "Traceback" in line]
+    assert code == 1 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith(f"error: {'--data ' if backend == 'dali' else ''}{bad}: none of its 2 image file(s)")
+    assert "a.jpg" in lines[0]
+
+
 def test_bad_resume_files_are_one_error_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pth")
