@@ -38,13 +38,14 @@ SOURCE_HELP = ("cifar10, an ImageNet-layout folder (train/<class>/*, val/<class>
                "(no labels) or a text file listing image paths")
 
 
-def source_kind(source: str) -> str:
+def source_kind(source: str, flag: str = "--data") -> str:
     """``"memory"`` (CIFAR-10), ``"imagefolder"`` (a folder with ``train/``: labeled), ``"folder"`` (any other
     folder: its images at any depth, unlabeled), ``"list"`` (a text file of image paths, unlabeled) or ``"shards"``
     (WebDataset tar shards, ``PATH/shard-{000000..000099}.tar``: no val split, so no kNN without --eval-data).
 
     Raises:
-        FileNotFoundError: ``source`` is neither a known name nor an existing file or folder.
+        FileNotFoundError: ``source`` is neither a known name nor an existing file or folder (named as ``flag``).
+        ValueError: ``source`` is one image file.
     """
     if source in IN_MEMORY:
         return "memory"
@@ -56,8 +57,13 @@ def source_kind(source: str) -> str:
     if path.is_dir():
         return "imagefolder" if (path / "train").is_dir() else "folder"
     if path.is_file():
+        from .imagefolder import IMG_EXTENSIONS
+
+        if path.suffix.lower() in IMG_EXTENSIONS:
+            raise ValueError(f"{flag} {source}: one image file; {flag} takes {SOURCE_HELP}")
         return "list"
-    raise FileNotFoundError(f"--data {source}: no such file or folder (--data takes {SOURCE_HELP})")
+    takes = SOURCE_HELP if flag == "--data" else "cifar10 or an ImageNet-layout folder (train/<class>/*, val/<class>/*)"
+    raise FileNotFoundError(f"{flag} {source}: no such file or folder ({flag} takes {takes})")
 
 
 def has_labels(source: str) -> bool:
@@ -252,7 +258,7 @@ def build_knn_loaders(source: str, dist: DistInfo, size: int, *, knn_samples: in
         return LabelFree(TorchLoader(ds, 256, rank=dist.rank, world_size=dist.world_size, shuffle=False,
                                      drop_last=False, num_workers=workers), len(ds))
     if eval_data is not None:
-        if source_kind(eval_data) not in ("memory", "imagefolder"):
+        if source_kind(eval_data, "--eval-data") not in ("memory", "imagefolder"):
             raise ValueError(f"--eval-data {eval_data}: the kNN monitor needs labels: cifar10 or a folder in the "
                              "ImageNet layout (train/<class>/*, val/<class>/*)")
         source = eval_data

@@ -149,6 +149,23 @@ def test_a_folder_of_undecodable_images_is_one_error_line(backend, tmp_path, cap
     assert "a.jpg" in lines[0]
 
 
+def test_data_flags_name_themselves(tmp_path, capsys):
+    """A wrong --eval-data is named as --eval-data (was: "--data /nonexistent: ..."), and one image given as
+    --data is said to be one image (was: "not a text file listing image paths (it is not UTF-8 text)")."""
+    from PIL import Image
+
+    img = tmp_path / "cat.jpg"
+    Image.new("RGB", (8, 8)).save(img)
+    code, err = _guarded("simclr_r50", ["--data", str(img), "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and err.splitlines()[-1].startswith(f"error: --data {img}: one image file; --data takes"), err
+    code, err = _guarded("simclr_r50", ["--data", str(tmp_path), "--eval-data", str(tmp_path / "nope"),
+                                        "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and err.splitlines()[-1] == (f"error: --eval-data {tmp_path / 'nope'}: no such file or folder "
+                                                  "(--eval-data takes cifar10 or an ImageNet-layout folder "
+                                                  "(train/<class>/*, val/<class>/*))"), err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_resume_files_are_one_error_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pth")
