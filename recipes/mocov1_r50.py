@@ -54,9 +54,13 @@ def step_lr(peak: float, epochs: int, steps_per_epoch: int, milestones=(0.6, 0.8
 
 
 def build_method(args):
+    from fastcl.engine.distributed import get_world_size
     from fastcl.methods.moco import MoCo
     from fastcl.models import build_backbone
 
+    if args.bn_splits > 1 and get_world_size() == 1 and args.batch_size % args.bn_splits:  # (DDP: shuffle BN)
+        raise ValueError(f"--batch-size {args.batch_size} does not split into --bn-splits {args.bn_splits} equal "
+                         f"sub-batches (split BN on one device): use a multiple of {args.bn_splits} or --bn-splits 1")
     backbone, feat_dim = build_backbone(args.arch)
     method = MoCo(backbone, feat_dim, dim=args.dim, K=args.queue_size, m=args.moco_m, T=args.moco_t, mlp=False,
                   bn_splits=args.bn_splits)  # MoCo v1: a linear head

@@ -43,9 +43,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def build_method(args):
+    from fastcl.engine.distributed import get_world_size
     from fastcl.methods.moco import MoCo
     from fastcl.models import build_backbone
 
+    if args.bn_splits > 1 and get_world_size() == 1 and args.batch_size % args.bn_splits:  # (DDP: shuffle BN)
+        raise ValueError(f"--batch-size {args.batch_size} does not split into --bn-splits {args.bn_splits} equal "
+                         f"sub-batches (split BN on one device): use a multiple of {args.bn_splits} or --bn-splits 1")
     backbone, feat_dim = build_backbone(args.arch)
     return MoCo(backbone, feat_dim, dim=args.dim, K=args.queue_size, m=args.moco_m, T=args.moco_t, mlp=True,
                 bn_splits=args.bn_splits, symmetric=args.symmetric)

@@ -166,6 +166,23 @@ def test_data_flags_name_themselves(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("recipe", ["mocov1_r50", "mocov2_r50"])
+def test_a_batch_that_split_bn_cannot_split_is_one_error_line(recipe, tmp_path, capsys):
+    """MoCo's split BN on one device needs the batch to split into --bn-splits equal parts: said up front,
+    naming both flags (was: "error: SplitBatchNorm2d: batch 3 is not divisible by num_splits=8" at the first
+    step, after the run folder was made)."""
+    from PIL import Image
+
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    code, err = _guarded(recipe, ["--data", str(tmp_path), "--data-backend", "torch", "--batch-size", "3",
+                                  "--arch", "resnet18", "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and err.splitlines()[-1] == ("error: --batch-size 3 does not split into --bn-splits 8 equal "
+                                                  "sub-batches (split BN on one device): use a multiple of 8 or "
+                                                  "--bn-splits 1"), err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_resume_files_are_one_error_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pth")
