@@ -310,6 +310,10 @@ def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn
     kernels.set_backend(args.kernels)
     dist = init_distributed(args.device)
     cap_cpu_batch(args, dist)
+    if args.batch_size < 2 * dist.world_size:  # (was: BN's "Expected more than 1 value per channel", a NaN loss
+        # blamed on the lr (InvaSpread), or SimCLR's loss 0 with no negative)
+        raise ValueError(f"--batch-size {args.batch_size} is fewer than 2 images per process ({dist.world_size} "
+                         "process(es)): in-batch negatives and BatchNorm need at least 2")
     cap_cpu_knn(args, dist)
     seed_everything(args.seed, dist.rank)
     cfg = train_config(args, recipe)

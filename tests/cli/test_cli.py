@@ -183,6 +183,22 @@ def test_a_batch_that_split_bn_cannot_split_is_one_error_line(recipe, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("recipe", ["byol_r50", "invaspread_r18", "simclr_r50"])
+def test_one_image_per_process_is_refused_up_front(recipe, tmp_path, capsys):
+    """--batch-size 1 on one process: was BN's "Expected more than 1 value per channel" (BYOL, SimSiam, MoCo v3),
+    a non-finite loss blamed on the lr (InvaSpread) or a silent loss of 0 (SimCLR, no negative)."""
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    code, err = _guarded(recipe, ["--data", str(tmp_path), "--data-backend", "torch", "--batch-size", "1",
+                                  "--arch", "resnet18", "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and err.splitlines()[-1] == ("error: --batch-size 1 is fewer than 2 images per process "
+                                                  "(1 process(es)): in-batch negatives and BatchNorm need at least "
+                                                  "2"), err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_resume_files_are_one_error_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pth")
