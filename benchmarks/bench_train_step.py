@@ -29,6 +29,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from fastcl import kernels
 from fastcl.engine import TrainConfig, Trainer
@@ -100,11 +101,27 @@ def time_trainer(method, batch: int, sizes: list[int], tmp_path, name: str, *, o
                       log_every=10**9, resume="none", **cfg_kw)
     trainer = Trainer(method, SyntheticLoader(warmup + steps, batch, sizes), cfg, DistInfo(0, 1, 0, DEVICE))
     trainer.save = lambda *a, **k: None  # checkpoints are not part of the step
+    compiled = cfg.compile not in ("none", "auto") or (cfg.compile == "auto" and DEVICE.type == "cuda")
+    if compiled:
+        counters.clear()
     try:
         trainer.fit()
     finally:
         kernels.set_backend("auto")
+    if compiled:
+        COMPILE_STATS[name] = compile_stats()
     return (marks[warmup + steps] - marks[warmup]) / steps
+
+
+COMPILE_STATS: dict[str, dict] = {}  # time_trainer's name -> compile_stats() of its compiled run
+
+
+def compile_stats() -> dict:
+    """What torch.compile did in the timed run, from dynamo's counters: a compiled time is only a compiled time
+    if the step really compiled (a failing frame falls back to eager with a warning, and times eager)."""
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "frames_failed": counters["frames"]["total"] - counters["frames"]["ok"],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
 # ------------------------------------------------------------------------------------------- MoCo v2
@@ -310,8 +327,10 @@ def test_simclr_byol_steps(tmp_path, benchmark, name):
     print(f"\n{name} {ARCH} batch {BATCH} {SIZE}px: " + ", ".join(
         f"{k} {v * 1e3:.1f} ms/step ({BATCH / v:.0f} img/s, {times['hand'] / v:.2f}x hand)" for k, v in times.items()))
     benchmark.extra_info.update({f"{k}_ms": v * 1e3 for k, v in times.items()})
+    if "compiled" in times:
+        print(f"{name} compiled: {COMPILE_STATS.get(name + 'c')}")
     _record(bench=f"{name}_step", arch=ARCH, batch=BATCH, size=SIZE, ms_per_step={k: v * 1e3 for k, v in times.items()},
-            img_per_s={k: BATCH / v for k, v in times.items()})
+            img_per_s={k: BATCH / v for k, v in times.items()}, compile_stats=COMPILE_STATS.get(f"{name}c"))
 
 
 # ------------------------------------------------------------------------------------------- DINO
@@ -338,8 +357,10 @@ def test_dino_vits_step(tmp_path, benchmark, patch):
         print(f"\nDINO ViT-S/{patch} 2x224+10x96 batch {batch} {name}: {t * 1e3:.1f} ms/step, {batch / t:.0f} img/s "
               f"(one ImageNet epoch: {epoch_h:.2f} h on one such device)")
     benchmark.extra_info.update({f"{k}_ms": v * 1e3 for k, v in times.items()})
+    if "compiled" in times:
+        print(f"DINO ViT-S/{patch} compiled: {COMPILE_STATS.get(f'd{patch}c')}")
     _record(bench="dino_step", arch=arch, batch=batch, ms_per_step={k: v * 1e3 for k, v in times.items()},
-            img_per_s={k: batch / v for k, v in times.items()},
+            img_per_s={k: batch / v for k, v in times.items()}, compile_stats=COMPILE_STATS.get(f"d{patch}c"),
             imagenet_epoch_hours_1gpu={k: IMAGENET_TRAIN / (batch / v) / 3600 for k, v in times.items()})
 
 
@@ -351,11 +372,11 @@ def _mocov2_compiled(tmp_path, benchmark, mode: str, label: str, bench: str) -> 
                            rounds=1, iterations=1)
     total = time.perf_counter() - t0
     print(f"\nMoCo v2 {ARCH} batch {BATCH} {label} (--compile {mode}): {t * 1e3:.1f} ms/step, {BATCH / t:.0f} img/s "
-          f"({total:.0f} s in all with compilation)")
+          f"({total:.0f} s in all with compilation; {COMPILE_STATS.get(mode)})")
     print(_budget_line(label, t))
     benchmark.extra_info.update(ms_per_step=t * 1e3, img_per_s=BATCH / t, total_s=total)
     _record(bench=bench, arch=ARCH, batch=BATCH, size=SIZE, K=K, ms_per_step=t * 1e3,
-            img_per_s=BATCH / t, seconds_with_compilation=total,
+            img_per_s=BATCH / t, seconds_with_compilation=total, compile_stats=COMPILE_STATS.get(mode),
             imagenet_200ep_hours_1gpu=200 * IMAGENET_TRAIN / (BATCH / t) / 3600)
 
 

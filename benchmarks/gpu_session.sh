@@ -87,7 +87,7 @@ run_part() {
   cat "$OUT/env.txt"
   for part in "${@:-tests step kernels cifar data}"; do for p in $part; do run_part "$p"; done; done
   echo; echo "== results =="
-  grep -hE "^\[|speedup|floor|ratio|projected|img/s|budget|ms/step|cifar_run|shipped|WRONG" "$OUT"/logs/bench_*.log \
+  grep -hE "^\[|speedup|floor|ratio|projected|img/s|budget|ms/step|cifar_run|shipped|WRONG|'graphs'" "$OUT"/logs/bench_*.log \
     "$OUT"/logs/cifar.log "$OUT"/logs/tune_infonce.log 2>/dev/null
   grep -hE "^\| (MoCo|DINO)" "$OUT"/logs/mem_table.log 2>/dev/null
   grep -hE "^(FAILED|ERROR)|(passed|failed|error)" "$OUT"/logs/tests_gpu.log 2>/dev/null | tail -30

@@ -188,6 +188,40 @@ def test_cuda_graph_steps_equal_eager(name, tmp_path, monkeypatch):
         torch.testing.assert_close(sd_c[k], sd_e[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name} {k}: {m}")
 
 
+def test_step_benchmark_reports_what_compile_did(tmp_path, monkeypatch):
+    """bench_train_step records dynamo's counters beside every compiled time (a frame that fails falls back to
+    eager with a warning and would time eager as "compiled"): one graph and no break for a method that compiles
+    whole, the break counted for one that breaks."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("FASTCL_BENCH_CPU", "1")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    sys.modules.pop("bench_train_step", None)
+    bench = importlib.import_module("bench_train_step")
+
+    class Breaking(BYOL):
+        def forward(self, views, step):
+            out = super().forward(views, step)
+            torch._dynamo.graph_break()
+            return {"loss": out["loss"] * 1.0}
+
+    def method(cls):
+        return cls(net(), 16, proj_hidden=16, dim=8, pred_hidden=16)
+
+    try:
+        for name, cls in (("whole", BYOL), ("broken", Breaking)):
+            bench.time_trainer(method(cls), 8, [8, 8], tmp_path, name, compile="default", warmup=1, steps=1)
+            torch._dynamo.reset()
+    finally:
+        sys.modules.pop("bench_train_step", None)
+    whole, broken = bench.COMPILE_STATS["whole"], bench.COMPILE_STATS["broken"]
+    assert whole == {"graphs": 1, "graph_breaks": 0, "frames_failed": 0, "cudagraph_skips": 0}, whole
+    assert broken["graph_breaks"] >= 1 and broken["graphs"] >= 2, broken
+
+
 def test_compile_option_is_checked(tmp_path):
     def cfg(**kw):
         return TrainConfig(out_dir=str(tmp_path), epochs=1, batch_size=8, resume="none", **kw)
