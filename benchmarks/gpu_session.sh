@@ -94,7 +94,7 @@ run_part() {
 } 2>&1 | tee "$OUT/summary.txt"
 # the ratios and floor multiples as a picture, $OUT/bench_ratios.png (python -m fastcl.viz bench)
 ls "$OUT"/logs/bench_*.json >/dev/null 2>&1 &&
-  $PY -m fastcl.viz bench "$OUT"/logs/bench_*.json --out "$OUT" 2>&1 | tee -a "$OUT/summary.txt"
+  $PY -m fastcl.viz bench "$OUT"/logs --out "$OUT" 2>&1 | tee -a "$OUT/summary.txt"  # (a folder: a part cut off by its time limit leaves an empty JSON, skipped)
 [ -f "$BENCH_JSON" ] && cp "$BENCH_JSON" "$OUT/bench_steps.jsonl"
 # at most 8 files come back, 2 folders down: the summary, the JSON/PNG results, and the logs as one archive
 [ -d "$OUT/cifar" ] && { cp "$OUT"/cifar/knn_vs_minutes.png "$OUT"/ 2>/dev/null

@@ -33,3 +33,25 @@ def test_every_gpu_only_test_runs_in_the_gpu_session():
         assert (ROOT / path).exists(), f"gpu_session.sh names {path}, which does not exist"
         if node:
             assert re.search(rf"^def {re.escape(node)}\(", (ROOT / path).read_text(), re.M), w
+
+
+def test_a_part_cut_off_by_its_time_limit_does_not_cost_the_picture(tmp_path):
+    """A part killed by its time limit leaves an empty --benchmark-json file; the picture step reads the logs
+    folder, where such a file is skipped (was: every bench_*.json named, and the first empty one ended the step:
+    no bench_ratios.png for the parts that did finish)."""
+    import json
+    import subprocess
+    import sys
+
+    text = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    m = re.search(r'-m fastcl\.viz bench (\S+)', text)
+    assert m and m.group(1) == '"$OUT"/logs', m and m.group(0)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "bench_kernels.json").write_text("")  # cut off
+    entry = {"name": "test_step", "extra_info": {"hand_ms": 2.0, "eager_ms": 1.0}}
+    (logs / "bench_train_step.json").write_text(json.dumps({"benchmarks": [entry]}))
+    r = subprocess.run([sys.executable, "-m", "fastcl.viz", "bench", str(logs), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "bench_ratios.png").exists()
