@@ -365,6 +365,13 @@ def main(argv: list[str] | None = None) -> dict:
     key["feature_dim"] = dim  # (ViT: depends on --n-last-blocks / --avgpool-patchtokens)
     args.cache_features |= args.feature_cache is not None
     cache = Path(args.feature_cache) if args.feature_cache else None
+    if not args.cache_features:  # augmented batches drop the last partial one: one full batch at least, said before
+        # any feature is extracted (was: "epochs and steps_per_epoch must be >= 1, got 1, 0" after the val features)
+        train_ds = subset(build_dataset(args.data, "train", train_tf), args.train_samples, args.seed)
+        if len(train_ds) < args.batch_size:
+            raise ValueError(f"the training set has {len(train_ds)} images, fewer than one --batch-size "
+                             f"{args.batch_size}: lower --batch-size, or pass --cache-features (which keeps the last "
+                             "partial batch)")
     if cache is not None and cache.is_file():
         stored = torch.load(cache, map_location="cpu")
         if stored.get("key") != key:
@@ -392,7 +399,6 @@ def main(argv: list[str] | None = None) -> dict:
         batches = cached_batches(train_f, train_y, args.batch_size, args.seed)
         steps, num_classes = -(-len(train_f) // args.batch_size), int(max(train_y.max(), val_y.max())) + 1
     else:
-        train_ds = subset(build_dataset(args.data, "train", train_tf), args.train_samples, args.seed)
         g = torch.Generator().manual_seed(args.seed)
         loader = torch.utils.data.DataLoader(train_ds, shuffle=True, drop_last=True, generator=g,
                                              persistent_workers=args.workers > 0, **loader_kw)

@@ -120,6 +120,21 @@ def test_command_on_tiny_imagefolder(tmp_path):
     assert len(aug["history"]) == 2 and not aug["cached_features"] and 0 <= aug["best_top1"] <= 1
 
 
+def test_a_training_set_smaller_than_one_batch_is_named_before_extraction(tmp_path, capsys):
+    """The augmented-images path drops the last partial batch: 16 training images and --batch-size 32 is refused
+    before any feature is extracted, naming the flags (was: "epochs and steps_per_epoch must be >= 1, got 1, 0"
+    after the val features)."""
+    colour_folder(tmp_path / "data")
+    ckpt = tmp_path / "backbone.pth"
+    torch.save({"backbone": r18_backbone().state_dict(), "arch": "resnet18"}, ckpt)
+    with pytest.raises(ValueError, match=r"the training set has 16 images, fewer than one --batch-size 32: lower "
+                                         r"--batch-size, or pass --cache-features"):
+        main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "data"), "--size", "16", "--epochs", "1",
+              "--batch-size", "32", "--workers", "0", "--device", "cpu", "--output", str(tmp_path / "o.json")])
+    assert "val features" not in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
+
+
 def test_vit_features_follow_dinos_eval_linear(tmp_path):
     """ViT-S and smaller: CLS tokens of the last 4 blocks, each through the final norm; n=1 is timm's output."""
     import timm
