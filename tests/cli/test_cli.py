@@ -166,37 +166,36 @@ def test_data_flags_name_themselves(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def _refused_batch(recipe, batch, tmp_path, capsys) -> str:
+    """``recipe`` on a folder of 6 small images with ``--batch-size batch``: its one error line (exit 1, nothing
+    written is asserted here)."""
+    from PIL import Image
+
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    code, err = _guarded(recipe, ["--data", str(tmp_path), "--data-backend", "torch", "--batch-size", str(batch),
+                                  "--arch", "resnet18", "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and not (tmp_path / "o").exists(), err
+    return err.splitlines()[-1]
+
+
 @pytest.mark.parametrize("recipe", ["mocov1_r50", "mocov2_r50"])
 def test_a_batch_that_split_bn_cannot_split_is_one_error_line(recipe, tmp_path, capsys):
     """MoCo's split BN on one device needs the batch to split into --bn-splits equal parts: said up front,
     naming both flags (was: "error: SplitBatchNorm2d: batch 3 is not divisible by num_splits=8" at the first
     step, after the run folder was made)."""
-    from PIL import Image
-
-    for i in range(6):
-        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
-    code, err = _guarded(recipe, ["--data", str(tmp_path), "--data-backend", "torch", "--batch-size", "3",
-                                  "--arch", "resnet18", "--out", str(tmp_path / "o")], capsys)
-    assert code == 1 and err.splitlines()[-1] == ("error: --batch-size 3 does not split into --bn-splits 8 equal "
-                                                  "sub-batches (split BN on one device): use a multiple of 8 or "
-                                                  "--bn-splits 1"), err
-    assert not (tmp_path / "o").exists()
+    assert _refused_batch(recipe, 3, tmp_path, capsys) == (
+        "error: --batch-size 3 does not split into --bn-splits 8 equal sub-batches (split BN on one device): use a "
+        "multiple of 8 or --bn-splits 1")
 
 
 @pytest.mark.parametrize("recipe", ["byol_r50", "invaspread_r18", "simclr_r50"])
 def test_one_image_per_process_is_refused_up_front(recipe, tmp_path, capsys):
     """--batch-size 1 on one process: was BN's "Expected more than 1 value per channel" (BYOL, SimSiam, MoCo v3),
     a non-finite loss blamed on the lr (InvaSpread) or a silent loss of 0 (SimCLR, no negative)."""
-    from PIL import Image
-
-    for i in range(4):
-        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
-    code, err = _guarded(recipe, ["--data", str(tmp_path), "--data-backend", "torch", "--batch-size", "1",
-                                  "--arch", "resnet18", "--out", str(tmp_path / "o")], capsys)
-    assert code == 1 and err.splitlines()[-1] == ("error: --batch-size 1 is fewer than 2 images per process "
-                                                  "(1 process(es)): in-batch negatives and BatchNorm need at least "
-                                                  "2"), err
-    assert not (tmp_path / "o").exists()
+    assert _refused_batch(recipe, 1, tmp_path, capsys) == (
+        "error: --batch-size 1 is fewer than 2 images per process (1 process(es)): in-batch negatives and BatchNorm "
+        "need at least 2")
 
 
 def test_bad_resume_files_are_one_error_line(tmp_path, capsys):
