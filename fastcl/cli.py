@@ -309,6 +309,9 @@ def run(args, recipe: str, build_method: Callable[[argparse.Namespace], torch.nn
 
     kernels.set_backend(args.kernels)
     dist = init_distributed(args.device)
+    if args.kernels == "triton" and dist.device.type != "cuda" and not kernels.utils.interpreting():
+        raise ValueError("--kernels triton runs Triton kernels, which need a CUDA device (or TRITON_INTERPRET=1 for "
+                         "Triton's slow CPU interpreter); on the CPU use --kernels auto or torch")
     cap_cpu_batch(args, dist)
     if args.batch_size < 2 * dist.world_size:  # (was: BN's "Expected more than 1 value per channel", a NaN loss
         # blamed on the lr (InvaSpread), or SimCLR's loss 0 with no negative)

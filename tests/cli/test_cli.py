@@ -198,6 +198,17 @@ def test_one_image_per_process_is_refused_up_front(recipe, tmp_path, capsys):
         "need at least 2")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU --kernels triton is valid")
+def test_triton_kernels_without_a_gpu_are_one_error_line(tmp_path, capsys, monkeypatch):
+    """--kernels triton on a CPU machine without the interpreter (was: "RuntimeError: 0 active drivers ([]).
+    There should only be one." from Triton at the first step, as a traceback)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, err = _guarded("mocov2_r50", ["--kernels", "triton", "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and err.splitlines()[-1].startswith("error: --kernels triton runs Triton kernels, which need a "
+                                                         "CUDA device"), err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_resume_files_are_one_error_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pth")
