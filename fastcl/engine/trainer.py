@@ -230,7 +230,7 @@ class Trainer:
         else:
             both = [mine]
         rngs, loaders = [r for r, _ in both], [s for _, s in both]
-        return {"model": self.method.state_dict(), **self.backbone_record(),
+        return {"model": self.method.state_dict(), "method": type(self.method).__name__, **self.backbone_record(),
                 "optimizer": None if self.zero else self.optimizer.state_dict(),  # ZeRO: shards, see save
                 "scaler": self.scaler.state_dict(),
                 "position": {"epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step},
@@ -333,6 +333,10 @@ class Trainer:
     def _check_same_run(self, ckpt: dict, path: Path) -> None:
         """Auto-resume finds whatever sits in --out: refuse a checkpoint of another configuration (a different
         dataset, arch, batch, queue ...) naming the options, instead of mixing the two runs."""
+        theirs, mine = ckpt.get("method"), type(self.method).__name__
+        if theirs and theirs != mine:  # (was: a list of the two recipes' differing options, half of them None)
+            raise ValueError(f"checkpoint {path} was written by {theirs}, not {mine}; pass --out NEW_DIR for a new "
+                             "run, or --resume none to start over in this one")
         old, new = ckpt.get("args") or {}, self.cfg.extra
         if not old or not new:
             return

@@ -279,6 +279,20 @@ def test_auto_resume_refuses_another_configurations_checkpoint(tmp_path):
     assert [r["step"] for r in log] == [5, 6]
 
 
+def test_auto_resume_names_another_methods_checkpoint(tmp_path):
+    """A checkpoint of another method in --out is named by its method (was: a list of the two recipes' differing
+    options, half of them None)."""
+    run = dict(arch="resnet18", queue_size=40, max_steps=4)
+    _train(tmp_path, 4, [], extra=run)
+
+    class OtherMethod(ToyMethod):
+        pass
+
+    with pytest.raises(ValueError, match=r"checkpoint.pth was written by ToyMethod, not OtherMethod; pass --out "
+                                         r"NEW_DIR"):
+        _train(tmp_path, 6, [], method=OtherMethod(), extra={"arch": "vit_small", "out_dim": 65536})
+
+
 def test_resume_into_a_different_model_names_the_file(tmp_path):
     _train(tmp_path, 2, [])
     wider = ToyMethod()
