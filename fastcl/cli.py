@@ -405,7 +405,8 @@ def main_guard(fn: Callable[[], object]) -> None:
         print(f"stopped by {e.args[0] if e.args else 'SIGINT'}: what was written is kept (the same command resumes "
               "from the last checkpoint in --out, if one was written)", file=sys.stderr, flush=True)
         sys.exit(130 if not e.args else 128 + signal.Signals[e.args[0]].value)
-    except (ValueError, OSError, RuntimeError) as e:  # (OSError: FileNotFoundError, permissions, full disk)
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # (OSError: FileNotFoundError,
+        # permissions, full disk; FloatingPointError: the linear probe diverged)
         if isinstance(e, RuntimeError):  # of the RuntimeErrors only the non-finite loss is the user's (engine
             from .engine import NonFiniteLossError  # imported here: --help must not pay for torch)
 

@@ -217,6 +217,14 @@ def export_backbone(checkpoint: str | Path | Mapping, arch: str | None = None, o
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if out_path is not None:  # before the checkpoint is read and verified (was: "[Errno 17] File exists: 'X'")
+        out_path = Path(out_path)
+        if out_path.is_dir():
+            raise ValueError(f"--out {out_path} is a folder; name the file to write")
+        try:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {out_path}: cannot write there ({e.strerror or e})") from e
     source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     check_public_backbone(ckpt, source)
@@ -262,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ArgumentParser("python -m fastcl.eval.export", parents=[get_args_parser()]).parse_args(argv)
     try:
         obj = export_backbone(args.checkpoint, args.arch, args.out, args.format, verify=not args.no_verify)
-    except (FileNotFoundError, ValueError) as e:
+    except (ValueError, OSError) as e:  # (OSError: a missing file, an --out that cannot be written, a full disk)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     sd = obj["backbone"] if args.format == "fastcl" else obj

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -340,6 +339,12 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, flag) < (1 if flag in ("epochs", "batch_size") else 0):
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {1 if flag in ('epochs', 'batch_size') else 0}, "
                              f"got {getattr(args, flag)}")
+    data_name = "cifar10" if args.data == "cifar10" else Path(args.data).name
+    out = Path(args.output) if args.output else Path(args.checkpoint).parent / f"linear_{data_name}.json"
+    try:  # before any work (was: "[Errno 17] File exists" after the whole probe had trained)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output {out}: cannot write there ({e.strerror or e})") from e
     print(json.dumps(vars(args), indent=1), flush=True)
     torch.manual_seed(args.seed)
     if args.device == "auto":
@@ -410,18 +415,13 @@ def main(argv: list[str] | None = None) -> dict:
                           args.momentum, args.wd, seed=args.seed)
     result.update(arch=arch, checkpoint=str(args.checkpoint), data=str(args.data), epochs=args.epochs,
                   batch_size=args.batch_size, cached_features=args.cache_features, args=vars(args))
-    data_name = "cifar10" if args.data == "cifar10" else Path(args.data).name
-    out = Path(args.output) if args.output else Path(args.checkpoint).parent / f"linear_{data_name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"linear probe {arch}: top-1 {result['best_top1']:.4f} top-5 {result['best_top5']:.4f} "
           f"(lr {result['best_lr']:g}); result in {out}", flush=True)
     return result
 
 
-if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+if __name__ == "__main__":  # (one error line for bad input, a diverged probe, an unwritable --output; Ctrl-C)
+    from ..cli import main_guard
+
+    main_guard(main)

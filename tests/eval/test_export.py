@@ -156,6 +156,18 @@ def test_errors_name_the_file(tmp_path, capsys):
     assert "nope.pth" in capsys.readouterr().err
 
 
+def test_an_out_that_cannot_be_written_is_one_error_line(tmp_path, capsys):
+    """--out under a file, or at a folder: one error line naming --out, before the checkpoint is read (was:
+    "error: [Errno 17] File exists: ..." naming no flag; an unwritable --out raised an OSError traceback)."""
+    (tmp_path / "afile").write_text("x")
+    missing = tmp_path / "not_read.pth"  # never read: the --out check comes first
+    for out, said in ((tmp_path / "afile" / "x.pth", "cannot write there"), (tmp_path, "is a folder")):
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", str(missing), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith(f"error: --out {out}") and said in err, err
+
+
 def test_arch_checks():
     sd = resnet_backbone("resnet18").state_dict()
     with pytest.raises(ValueError, match="pass --arch"):

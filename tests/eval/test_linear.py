@@ -135,6 +135,15 @@ def test_a_training_set_smaller_than_one_batch_is_named_before_extraction(tmp_pa
     assert not (tmp_path / "o.json").exists()
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    """--output under a file: refused naming --output before the backbone is loaded (was: "[Errno 17] File
+    exists" after the whole probe had trained, its result lost)."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"--output .*afile/o.json: cannot write there"):
+        main(["--checkpoint", str(tmp_path / "never_read.pth"), "--data", "cifar10",
+              "--output", str(tmp_path / "afile" / "o.json")])
+
+
 def test_vit_features_follow_dinos_eval_linear(tmp_path):
     """ViT-S and smaller: CLS tokens of the last 4 blocks, each through the final norm; n=1 is timm's output."""
     import timm
