@@ -26,7 +26,10 @@ def out_dir(out: str | Path | None, default: str | Path) -> Path:
     d = Path(out) if out is not None else Path(default)
     if d.exists() and not d.is_dir():
         raise ValueError(f"--out {d} is a file, not a folder")
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # (was: "[Errno 20] Not a directory: ..." for an --out under a file, naming no flag)
+        raise ValueError(f"--out {d}: cannot write there ({e.strerror or e})") from e
     return d
 
 
