@@ -336,8 +336,9 @@ def test_curves_bad_input_is_one_error_line(tmp_path, guarded):
     r = guarded("curves", tmp_path / "torn")
     assert r.returncode == 0 and "cut short" in r.stderr and (tmp_path / "torn" / "curves.png").exists()
     (tmp_path / "afile").write_text("x")  # --out under a file (was: "[Errno 20] Not a directory", no flag named)
+    _write_log(tmp_path / "good")
     assert "--out " + str(tmp_path / "afile" / "x") + ": cannot write there" in _one_error_line(
-        guarded("curves", tmp_path / "torn", "--out", tmp_path / "afile" / "x"))
+        guarded("curves", tmp_path / "good", "--out", tmp_path / "afile" / "x"))
 
 
 def test_without_matplotlib_a_picture_command_is_one_error_line(tmp_path, guarded, monkeypatch):
