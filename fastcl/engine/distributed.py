@@ -85,9 +85,11 @@ def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from all ranks along dim 0 (no gradient); identity on one process."""
     if not is_dist():
         return x
-    out = [torch.empty_like(x) for _ in range(get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
+    # into one buffer (was: a list of world tensors, then torch.cat: a second copy of everything gathered, e.g.
+    # MoCo's whole image batch every step); torch.compile traces it as well
+    out = x.new_empty((x.shape[0] * get_world_size(), *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
 
 
 def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
