@@ -80,6 +80,25 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
+def wrap_ddp(module: torch.nn.Module, device_ids: list[int] | None) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP as the engine runs it.
+
+    - No buffer sync in the forward: queues and centers are kept identical by the methods themselves, BN
+      statistics are given rank 0's before kNN and checkpoints, and the engine broadcasts rank 0's parameters and
+      buffers at the start. torch 2.14 names this ``forward_sync_buffers=False`` and warns (FutureWarning, every
+      rank, every run) on the older ``broadcast_buffers=False``, which torch 2.11 still needs.
+    - ``gradient_as_bucket_view``: ``p.grad`` is a view into DDP's all-reduce buckets instead of a second copy
+      (4 bytes per trained parameter less; grads set to None by a hook or zero_grad are views again after the next
+      backward).
+    """
+    import inspect
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else {"broadcast_buffers": False})
+    return ddp(module, device_ids=device_ids, gradient_as_bucket_view=True, **no_sync)
+
+
 @torch.no_grad()
 def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from all ranks along dim 0 (no gradient); identity on one process."""

@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..methods.base import Method, Step
 from .checkpoint import (LATEST, claim_out_dir, find_resume, load_checkpoint, rng_state, save_atomic,
                          set_rng_state)
-from .distributed import DistInfo
+from .distributed import DistInfo, wrap_ddp
 from .logging import Progress, RunLogger, Throughput, nvtx_range
 from .optim import build_optimizer, cosine_schedule
 
@@ -141,13 +141,7 @@ class Trainer:
             if resumed is not None:
                 self.zero.load(*resumed)
         elif dist_info.world_size > 1:
-            # broadcast_buffers=False: queues/centers are kept identical by the methods themselves.
-            # gradient_as_bucket_view: p.grad is a view into DDP's all-reduce buckets instead of a second copy
-            # (4 bytes per trained parameter less; grads set to None by a hook or zero_grad are views again
-            # after the next backward)
-            self.model = nn.parallel.DistributedDataParallel(
-                self.method, device_ids=[self.device.index] if on_cuda else None,
-                broadcast_buffers=False, gradient_as_bucket_view=True)
+            self.model = wrap_ddp(self.method, [self.device.index] if on_cuda else None)
         self.compile_mode = self._compile_mode(on_cuda)
         if self.compile_mode != "none":
             # forward + loss in one graph (the fused kernels are torch.library ops with fake implementations);

@@ -10,6 +10,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -119,13 +120,16 @@ def _worker(phase: str, out: Path) -> None:
         torch.manual_seed(100 + rank)  # per-rank init and RNG (as cli.run): the engine must sync rank 0's
         losses = []
         cfg = _cfg(out / name, **(cfg_kw or {}))
-        t = Trainer(Toy(**(method_kw or {})), Loader(cfg.batch_size // world, rank, world), cfg, info,
-                    log_fn=lambda r: losses.append(r["loss"]))
+        with warnings.catch_warnings(record=True) as caught:  # (what a user sees when the run starts)
+            warnings.simplefilter("always")
+            t = Trainer(Toy(**(method_kw or {})), Loader(cfg.batch_size // world, rank, world), cfg, info,
+                        log_fn=lambda r: losses.append(r["loss"]))
+        setup_warnings[name] = [f"{w.category.__name__}: {w.message}" for w in caught]
         init[name] = {k: v.detach().clone() for k, v in t.method.state_dict().items()}  # (rank 0's, synced)
         t.fit()
         return t, losses
 
-    res, init = {}, {}
+    res, init, setup_warnings = {}, {}, {}
     if phase == "train":
         for name, cfg_kw, method_kw in [
                 ("ddp", {}, {}), ("ddp_nohook", {}, {"clip_param": 0.0}),
@@ -142,6 +146,7 @@ def _worker(phase: str, out: Path) -> None:
             t, losses = train(name, cfg_kw, method_kw)
             r = {"state": {k: v.detach().clone() for k, v in t.method.state_dict().items()}, "losses": losses,
                  "state_numel": _state_numel(t.optimizer), "init": init[name]}
+            r["setup_warnings"] = setup_warnings[name]
             if t.zero is None:  # DDP: where the gradients live (views into the all-reduce buckets?)
                 grads = [p.grad for p in t.method.parameters() if p.grad is not None]
                 storages = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes() for g in grads}
@@ -255,6 +260,16 @@ def test_ddp_gradients_are_views_into_its_buckets(runs):
         assert d["n_grads"] == 4 and d["grad_storages"] == 1, (name, d["n_grads"], d["grad_storages"])
         assert d["grad_storage_bytes"] == state_bytes(trainable=d["trainable"], frozen=0, zero_stage=0,
                                                       world=2)["grads"]
+
+
+def test_ddp_starts_without_a_deprecation_warning(runs):
+    """Setting up DDP warns nothing: torch 2.14 deprecated ``broadcast_buffers`` (a FutureWarning on every rank of
+    every run, failed before) for ``forward_sync_buffers``, which torch 2.11 does not have; the engine passes the
+    one the installed torch takes."""
+    _, r, _ = runs
+    for name in ("ddp", "ddp_sgd"):
+        assert not [w for w in r[name]["setup_warnings"] if "DistributedDataParallel" in w or "buffers" in w], \
+            r[name]["setup_warnings"]
 
 
 def test_zero_state_per_rank_is_what_the_memory_model_counts(runs):
