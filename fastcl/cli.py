@@ -39,6 +39,32 @@ def usage_error(message: str):
     sys.exit(1)
 
 
+def int_at_least(low: int):
+    """An argparse ``type``: an int >= ``low``, refused at parse time naming the flag ("argument --dim: must be
+    >= 1, got 0"; was: a ZeroDivisionError or "negative dimension" traceback from inside the model)."""
+    def parse(text: str) -> int:
+        v = int(text)  # (a ValueError: argparse says "invalid int value")
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
+
+
+def float_in(low: float, high: float, *, low_open: bool = False, high_open: bool = True):
+    """An argparse ``type``: a float in [low, high) (or the open/closed ends asked for)."""
+    def parse(text: str) -> float:
+        v = float(text)
+        if not (low < v if low_open else low <= v) or not (v < high if high_open else v <= high):
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}"
+                                             f"{')' if high_open else ']'}, got {v}")
+        return v
+
+    parse.__name__ = "float"
+    return parse
+
+
 def base_parser() -> argparse.ArgumentParser:
     """Arguments shared by all recipes (``add_help=False`` so recipes can use it as a parent)."""
     p = argparse.ArgumentParser(add_help=False)
@@ -156,6 +182,10 @@ def annotate_help(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> 
 def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv=None) -> argparse.Namespace:
     """Parse, then fill every argument left at None from the chosen preset."""
     parser.error = usage_error  # (recipes build plain argparse parsers): one error line, exit 1
+    common = {a.dest for a in base_parser()._actions}  # (checked by check_args, with their own lower bounds)
+    for a in parser._actions:  # no count, size or epoch flag of a recipe is negative; sizes that 0 would break
+        if a.type is int and a.dest not in common:  # declare cli.int_at_least(1) themselves
+            a.type = int_at_least(0)
     annotate_help(parser, presets)
     args = parser.parse_args(argv)
     args.batch_size_given = args.batch_size is not None  # a preset's batch may be lowered on a CPU, a given one not

@@ -34,13 +34,16 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("BYOL", parents=[cli.base_parser()])
     g = p.add_argument_group("BYOL")
-    g.add_argument("--proj-hidden", type=int, default=4096, help="projector hidden width (default: 4096)")
-    g.add_argument("--pred-hidden", type=int, default=4096, help="predictor hidden width (default: 4096)")
-    g.add_argument("--dim", type=int, default=256, help="projection size (default: 256)")
+    g.add_argument("--proj-hidden", type=cli.int_at_least(1), default=4096,
+                   help="projector hidden width (default: 4096)")
+    g.add_argument("--pred-hidden", type=cli.int_at_least(1), default=4096,
+                   help="predictor hidden width (default: 4096)")
+    g.add_argument("--dim", type=cli.int_at_least(1), default=256, help="projection size (default: 256)")
     g.add_argument("--tau", type=float, default=None,
                    help="base target momentum, raised to 1 by a cosine (default: 0.996 / 0.99 on CIFAR-10; "
                         "lower it, e.g. 0.99, for short runs or small batches)")
-    g.add_argument("--crop-size", type=int, default=None, help="view size (default: 224 / 32 on CIFAR-10)")
+    g.add_argument("--crop-size", type=cli.int_at_least(1), default=None,
+                   help="view size (default: 224 / 32 on CIFAR-10)")
     g.add_argument("--blur", type=int, default=None, choices=[0, 1],
                    help="Gaussian blur in the views (default: 1 / 0 on 32x32 CIFAR-10)")
     g.add_argument("--no-sync-bn", action="store_true",

@@ -34,14 +34,16 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("CMC", parents=[cli.base_parser()])
     g = p.add_argument_group("CMC")
-    g.add_argument("--feat-dim", type=int, default=128, help="embedding / memory-bank dim (default: 128)")
-    g.add_argument("--nce-k", type=int, default=4096, help="negatives per anchor (default: 4096)")
+    g.add_argument("--feat-dim", type=cli.int_at_least(1), default=128,
+                   help="embedding / memory-bank dim (default: 128)")
+    g.add_argument("--nce-k", type=cli.int_at_least(1), default=4096, help="negatives per anchor (default: 4096)")
     g.add_argument("--nce-t", type=float, default=0.07, help="temperature (default: 0.07)")
     g.add_argument("--nce-m", type=float, default=0.5, help="memory-bank update momentum (default: 0.5)")
-    g.add_argument("--crop-size", type=int, default=None, help="crop size (default: 224, 32 on CIFAR)")
+    g.add_argument("--crop-size", type=cli.int_at_least(1), default=None, help="crop size (default: 224, 32 on CIFAR)")
     g.add_argument("--crop-scale", type=float, nargs=2, default=None,
                    help="RandomResizedCrop area range (default: 0.08 1, 0.2 1 on CIFAR)")
-    g.add_argument("--lr-decay-fracs", type=float, nargs="*", default=(0.625, 0.75, 0.875),
+    g.add_argument("--lr-decay-fracs", type=cli.float_in(0.0, 1.0, low_open=True),
+                   nargs="*", default=(0.625, 0.75, 0.875),
                    help="lr x0.1 at these fractions of training (default: 250, 300, 350 of 400 epochs); "
                         "none = cosine")
     return p

@@ -37,10 +37,11 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("CPC v2", parents=[cli.base_parser()])
     g = p.add_argument_group("CPC v2")
-    g.add_argument("--crop-size", type=int, default=None, help="image crop (default: 256, 32 on CIFAR)")
-    g.add_argument("--patch", type=int, default=None, help="patch size (default: 64, 8 on CIFAR)")
+    g.add_argument("--crop-size", type=cli.int_at_least(1), default=None, help="image crop (default: 256, 32 on CIFAR)")
+    g.add_argument("--patch", type=cli.int_at_least(1), default=None, help="patch size (default: 64, 8 on CIFAR)")
     g.add_argument("--stride", type=int, default=None, help="patch stride (default: 32 = half overlap; 4 on CIFAR)")
-    g.add_argument("--context-dim", type=int, default=None, help="context-network width (default: 1024 / 256)")
+    g.add_argument("--context-dim", type=cli.int_at_least(1), default=None,
+                   help="context-network width (default: 1024 / 256)")
     g.add_argument("--context-blocks", type=int, default=None, help="masked residual blocks (default: 5 / 3)")
     g.add_argument("--steps", type=int, default=5, help="rows predicted ahead (default: 5)")
     g.add_argument("--directions", type=int, default=None, choices=[1, 4],

@@ -45,12 +45,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("DINO", parents=[cli.base_parser()])
     p.set_defaults(min_lr=None)  # DINO's final lr comes from the preset (1e-6)
     g = p.add_argument_group("DINO")
-    g.add_argument("--patch-size", type=int, default=None,
+    g.add_argument("--patch-size", type=cli.int_at_least(1), default=None,
                    help="ViT patch size in pixels (default: 8 on ImageNet, 4 on 32px CIFAR crops)")
-    g.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth (default: 0.1)")
-    g.add_argument("--out-dim", type=int, default=None, help="K, head outputs (default: 65536; 4096 on CIFAR)")
-    g.add_argument("--head-hidden", type=int, default=2048, help="head MLP width (default: 2048)")
-    g.add_argument("--bottleneck", type=int, default=256, help="head bottleneck (default: 256)")
+    g.add_argument("--drop-path", type=cli.float_in(0.0, 1.0), default=0.1,
+                   help="student stochastic depth (default: 0.1)")
+    g.add_argument("--out-dim", type=cli.int_at_least(1), default=None,
+                   help="K, head outputs (default: 65536; 4096 on CIFAR)")
+    g.add_argument("--head-hidden", type=cli.int_at_least(1), default=2048, help="head MLP width (default: 2048)")
+    g.add_argument("--bottleneck", type=cli.int_at_least(1), default=256, help="head bottleneck (default: 256)")
     g.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=None,
                    help="fix the last layer's weight norm to 1; more stable, 'true' for bigger ViTs "
                         "(default: false for ViT-S/8 on ImageNet, true on CIFAR)")
@@ -68,8 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="per-parameter grad-norm clip as in DINO, 0 = off; --clip-grad is the engine's global-norm "
                         "clip, 0 in the presets")
     g = p.add_argument_group("multi-crop")
-    g.add_argument("--global-crop-size", type=int, default=None, help="default: 224 (32 on CIFAR)")
-    g.add_argument("--local-crop-size", type=int, default=None, help="default: 96 (16 on CIFAR)")
+    g.add_argument("--global-crop-size", type=cli.int_at_least(1), default=None, help="default: 224 (32 on CIFAR)")
+    g.add_argument("--local-crop-size", type=cli.int_at_least(1), default=None, help="default: 96 (16 on CIFAR)")
     g.add_argument("--global-crops-scale", type=float, nargs=2, default=None,
                    help="area range of the 2 global crops (default: 0.4 1 for ViT-S/8)")
     g.add_argument("--local-crops-scale", type=float, nargs=2, default=None,

@@ -34,8 +34,8 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("InstDisc", parents=[cli.base_parser()])
     g = p.add_argument_group("InstDisc")
-    g.add_argument("--dim", type=int, default=128, help="embedding / memory-bank dim (default: 128)")
-    g.add_argument("--nce-k", type=int, default=4096, help="noise samples per positive (default: 4096)")
+    g.add_argument("--dim", type=cli.int_at_least(1), default=128, help="embedding / memory-bank dim (default: 128)")
+    g.add_argument("--nce-k", type=cli.int_at_least(1), default=4096, help="noise samples per positive (default: 4096)")
     g.add_argument("--nce-t", type=float, default=None, help="temperature (default: 0.07 / CIFAR 0.1)")
     g.add_argument("--bank-momentum", type=float, default=0.5, help="memory-bank update momentum (default: 0.5)")
     g.add_argument("--prox-lambda", type=float, default=30.0,

@@ -34,7 +34,7 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("InvaSpread", parents=[cli.base_parser()])
     g = p.add_argument_group("InvaSpread")
-    g.add_argument("--dim", type=int, default=128, help="embedding dim (default: 128)")
+    g.add_argument("--dim", type=cli.int_at_least(1), default=128, help="embedding dim (default: 128)")
     g.add_argument("--temperature", type=float, default=0.1, help="softmax temperature (default: 0.1)")
     g.add_argument("--grad-keys", action="store_true",
                    help="let gradients flow through the keys too (default: detached, as the official code)")

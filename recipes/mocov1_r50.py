@@ -33,11 +33,13 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("MoCo v1", parents=[cli.base_parser()])
     g = p.add_argument_group("MoCo v1")
-    g.add_argument("--dim", type=int, default=128, help="embedding dim of the linear head (default: 128)")
-    g.add_argument("--queue-size", type=int, default=None, help="K, number of negative keys (default: 65536; CIFAR 4096)")
+    g.add_argument("--dim", type=cli.int_at_least(1), default=128,
+                   help="embedding dim of the linear head (default: 128)")
+    g.add_argument("--queue-size", type=cli.int_at_least(1), default=None,
+                   help="K, number of negative keys (default: 65536; CIFAR 4096)")
     g.add_argument("--moco-m", type=float, default=0.999, help="key-encoder momentum (default: 0.999)")
     g.add_argument("--moco-t", type=float, default=0.07, help="softmax temperature (default: 0.07)")
-    g.add_argument("--bn-splits", type=int, default=None,
+    g.add_argument("--bn-splits", type=cli.int_at_least(1), default=None,
                    help="split-BN sub-batches on a single device (shuffle-BN stand-in; DDP shuffles instead)")
     g.add_argument("--lr-schedule", default=None, choices=["step", "cos"],
                    help="step: x0.1 at 60%% and 80%% of training (epochs 120/160 of 200, the paper); "

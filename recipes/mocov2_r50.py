@@ -31,14 +31,16 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("MoCo v2", parents=[cli.base_parser()])
     g = p.add_argument_group("MoCo")
-    g.add_argument("--dim", type=int, default=128, help="embedding dim (default: 128)")
-    g.add_argument("--queue-size", type=int, default=None, help="K, number of negative keys (default: 65536; CIFAR 4096)")
+    g.add_argument("--dim", type=cli.int_at_least(1), default=128, help="embedding dim (default: 128)")
+    g.add_argument("--queue-size", type=cli.int_at_least(1), default=None,
+                   help="K, number of negative keys (default: 65536; CIFAR 4096)")
     g.add_argument("--moco-m", type=float, default=None, help="key-encoder momentum (default: 0.999; CIFAR 0.99)")
     g.add_argument("--moco-t", type=float, default=None, help="softmax temperature (default: 0.2; CIFAR 0.1)")
-    g.add_argument("--bn-splits", type=int, default=None,
+    g.add_argument("--bn-splits", type=cli.int_at_least(1), default=None,
                    help="split-BN sub-batches on a single device (shuffle-BN stand-in; DDP shuffles instead)")
     g.add_argument("--symmetric", action="store_true", help="symmetric loss (MoCo CIFAR demo option)")
-    g.add_argument("--crop-size", type=int, default=None, help="view size (default: 224 / 32 on CIFAR-10)")
+    g.add_argument("--crop-size", type=cli.int_at_least(1), default=None,
+                   help="view size (default: 224 / 32 on CIFAR-10)")
     return p
 
 

@@ -32,8 +32,9 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("MoCo v3 (ResNet)", parents=[cli.base_parser()])
     g = p.add_argument_group("MoCo v3")
-    g.add_argument("--dim", type=int, default=256, help="projector/predictor output dim (default: 256)")
-    g.add_argument("--mlp-dim", type=int, default=None, help="projector/predictor hidden dim (default: 4096; CIFAR 2048)")
+    g.add_argument("--dim", type=cli.int_at_least(1), default=256, help="projector/predictor output dim (default: 256)")
+    g.add_argument("--mlp-dim", type=cli.int_at_least(1), default=None,
+                   help="projector/predictor hidden dim (default: 4096; CIFAR 2048)")
     g.add_argument("--proj-layers", type=int, default=2, help="projector depth (default: 2, the official code)")
     g.add_argument("--moco-t", type=float, default=None, help="softmax temperature (default: 1.0 / CIFAR 0.2)")
     g.add_argument("--moco-m", type=float, default=0.99, help="start momentum, cosine to --moco-m-end (default: 0.99)")

@@ -34,15 +34,18 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("MoCo v3 (ViT)", parents=[cli.base_parser()])
     g = p.add_argument_group("MoCo v3")
-    g.add_argument("--dim", type=int, default=256, help="projector/predictor output dim (default: 256)")
-    g.add_argument("--mlp-dim", type=int, default=None, help="projector/predictor hidden dim (default: 4096; CIFAR 2048)")
+    g.add_argument("--dim", type=cli.int_at_least(1), default=256, help="projector/predictor output dim (default: 256)")
+    g.add_argument("--mlp-dim", type=cli.int_at_least(1), default=None,
+                   help="projector/predictor hidden dim (default: 4096; CIFAR 2048)")
     g.add_argument("--proj-layers", type=int, default=3, help="projector depth (default: 3)")
     g.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature (default: 0.2)")
     g.add_argument("--moco-m", type=float, default=0.99, help="start momentum, cosine to --moco-m-end (default: 0.99)")
     g.add_argument("--moco-m-end", type=float, default=1.0, help="final momentum (default: 1.0; = --moco-m: constant)")
-    g.add_argument("--patch-size", type=int, default=None, help="ViT patch size (default: 16 / CIFAR 4)")
-    g.add_argument("--num-heads", type=int, default=None, help="attention heads (moco-v3's ViT-S has 12, timm's 6)")
-    g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth (default: 0)")
+    g.add_argument("--patch-size", type=cli.int_at_least(1), default=None,
+                   help="ViT patch size (default: 16 / CIFAR 4)")
+    g.add_argument("--num-heads", type=cli.int_at_least(1), default=None,
+                   help="attention heads (moco-v3's ViT-S has 12, timm's 6)")
+    g.add_argument("--drop-path", type=cli.float_in(0.0, 1.0), default=0.0, help="stochastic depth (default: 0)")
     g.add_argument("--crop-min", type=float, default=0.08, help="RandomResizedCrop min scale (default: 0.08)")
     g.add_argument("--crop-size", type=int, default=0, help="view size (default: 0 = 32 on CIFAR-10, 224)")
     return p

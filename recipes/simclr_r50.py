@@ -44,12 +44,12 @@ for _p in PRESETS.values():  # the paper's projector width (= the feature dim) a
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("SimCLR", parents=[cli.base_parser()])
     g = p.add_argument_group("SimCLR")
-    g.add_argument("--dim", type=int, default=128, help="projection output dim (default: 128)")
+    g.add_argument("--dim", type=cli.int_at_least(1), default=128, help="projection output dim (default: 128)")
     g.add_argument("--hidden-dim", type=int, default=None, help="projection hidden dim, 0 = the feature dim")
     g.add_argument("--crop-min", type=float, default=None, help="smallest area of a random resized crop")
     g.add_argument("--temperature", type=float, default=None,
                    help="NT-Xent temperature (default: 0.1 ImageNet / 0.5 CIFAR; small batches want 0.5)")
-    g.add_argument("--jitter-strength", type=float, default=None,
+    g.add_argument("--jitter-strength", type=cli.float_in(0.0, float("inf")), default=None,
                    help="colour-jitter strength s (default: 1.0 ImageNet / 0.5 CIFAR)")
     g.add_argument("--crop-size", type=int, default=0, help="view size (default: 0 = 32 on CIFAR-10, 224)")
     return p

@@ -33,11 +33,12 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("SimCLR v2", parents=[cli.base_parser()])
     g = p.add_argument_group("SimCLR v2")
-    g.add_argument("--dim", type=int, default=128, help="projection output dim (default: 128)")
+    g.add_argument("--dim", type=cli.int_at_least(1), default=128, help="projection output dim (default: 128)")
     g.add_argument("--hidden-dim", type=int, default=0, help="projection hidden dim (default: 0 = feature dim)")
     g.add_argument("--proj-layers", type=int, default=3, help="projection head depth (default: 3)")
     g.add_argument("--temperature", type=float, default=None, help="NT-Xent temperature (default: 0.1 / CIFAR 0.5)")
-    g.add_argument("--jitter-strength", type=float, default=None, help="colour-jitter strength (default: 1.0 / 0.5)")
+    g.add_argument("--jitter-strength", type=cli.float_in(0.0, float("inf")), default=None,
+                   help="colour-jitter strength (default: 1.0 / 0.5)")
     g.add_argument("--queue-size", type=int, default=None,
                    help="memory: negatives from a momentum encoder (default: 0 = off; the paper's memory: 65536)")
     g.add_argument("--moco-m", type=float, default=0.999,

@@ -33,14 +33,16 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("SimSiam", parents=[cli.base_parser()])
     g = p.add_argument_group("SimSiam")
-    g.add_argument("--dim", type=int, default=2048, help="projection size d (default: 2048)")
-    g.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (default: 2048)")
-    g.add_argument("--pred-hidden", type=int, default=512,
+    g.add_argument("--dim", type=cli.int_at_least(1), default=2048, help="projection size d (default: 2048)")
+    g.add_argument("--proj-hidden", type=cli.int_at_least(1), default=2048,
+                   help="projector hidden width (default: 2048)")
+    g.add_argument("--pred-hidden", type=cli.int_at_least(1), default=512,
                    help="predictor bottleneck (default: 512; the paper finds the bottleneck helps)")
     g.add_argument("--proj-layers", type=int, default=None, help="projector fc layers (default: 3 / 2 on CIFAR-10)")
     g.add_argument("--no-fix-pred-lr", action="store_true",
                    help="decay the predictor's lr with the rest (default: fixed, as in the paper)")
-    g.add_argument("--crop-size", type=int, default=None, help="view size (default: 224 / 32 on CIFAR-10)")
+    g.add_argument("--crop-size", type=cli.int_at_least(1), default=None,
+                   help="view size (default: 224 / 32 on CIFAR-10)")
     g.add_argument("--blur", type=int, default=None, choices=[0, 1],
                    help="Gaussian blur p=0.5 in the views (default: 1 / 0 on 32x32 CIFAR-10)")
     g.add_argument("--no-sync-bn", action="store_true",

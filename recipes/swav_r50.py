@@ -43,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.set_defaults(min_lr=None)  # from the preset: SwAV decays to lr/1000
     g = p.add_argument_group("SwAV")
     g.add_argument("--hidden", type=int, default=None, help="projector hidden width")
-    g.add_argument("--dim", type=int, default=None, help="projection size")
+    g.add_argument("--dim", type=cli.int_at_least(1), default=None, help="projection size")
     g.add_argument("--proj-layers", type=int, default=None, help="Linear layers of the projector")
     g.add_argument("--proj-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="batch norm between the projector's layers")
@@ -58,8 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--queue-start-epoch", type=int, default=15, help="epoch the queue starts (default: 15)")
     g.add_argument("--freeze-prototypes-epochs", type=float, default=None,
                    help="epochs with frozen prototypes: no update, no decay, no momentum")
-    g.add_argument("--crop-size", type=int, default=None, help="global crop size (default: 224 / 32 on CIFAR-10)")
-    g.add_argument("--local-crop-size", type=int, default=None, help="local crop size (default: 96 / 16 on CIFAR-10)")
+    g.add_argument("--crop-size", type=cli.int_at_least(1), default=None,
+                   help="global crop size (default: 224 / 32 on CIFAR-10)")
+    g.add_argument("--local-crop-size", type=cli.int_at_least(1), default=None,
+                   help="local crop size (default: 96 / 16 on CIFAR-10)")
     g.add_argument("--n-local", type=int, default=None, help="local crops")
     g.add_argument("--blur", type=int, default=None, choices=[0, 1],
                    help="Gaussian blur p=0.5 in the crops (default: 1 / 0 on 32x32 CIFAR-10)")

@@ -209,6 +209,56 @@ def test_triton_kernels_without_a_gpu_are_one_error_line(tmp_path, capsys, monke
     assert not (tmp_path / "o").exists()
 
 
+def _recipes_with_parsers():
+    import glob
+    import os
+
+    for f in sorted(glob.glob(str(Path(__file__).resolve().parents[2] / "recipes" / "*.py"))):
+        recipe = load_recipe(os.path.basename(f)[:-3])
+        if hasattr(recipe, "get_args_parser"):  # (dino_vits16 / vitb16 parse with dino_vits8's)
+            yield recipe
+
+
+def test_every_recipes_count_and_size_flags_refuse_a_negative_at_parse_time(capsys):
+    """Every int flag of every recipe (queue sizes, head widths, patch sizes, crop counts, epochs of a phase)
+    refuses -1 naming the flag, before torch builds anything (was: a "negative dimension" or ZeroDivisionError
+    traceback from inside the model, or a silently accepted --n-local -1 / --local-crops-number -1)."""
+    common = {a.dest for a in cli.base_parser()._actions}
+    checked = 0
+    for recipe in _recipes_with_parsers():
+        for a in recipe.get_args_parser()._actions:
+            if (not a.option_strings or a.dest in common or a.choices
+                    or getattr(a.type, "__name__", None) != "int"):
+                continue
+            flag = a.option_strings[0]
+            with pytest.raises(SystemExit) as e:
+                cli.parse_args(recipe.get_args_parser(), recipe.PRESETS, [flag, "-1"])
+            err = capsys.readouterr().err
+            assert e.value.code == 1 and err.startswith(f"error: argument {flag}: must be >= "), (recipe, flag, err)
+            checked += 1
+    assert checked >= 60  # (the sweep found the flags)
+
+
+@pytest.mark.parametrize("recipe,argv,message", [
+    ("cmc_r50", ["--feat-dim", "0"], "argument --feat-dim: must be >= 1, got 0"),
+    ("cpcv2_r50", ["--context-dim", "0"], "argument --context-dim: must be >= 1, got 0"),
+    ("dino_vits8", ["--patch-size", "0"], "argument --patch-size: must be >= 1, got 0"),
+    ("mocov3_vits16", ["--num-heads", "0"], "argument --num-heads: must be >= 1, got 0"),
+    ("mocov3_r50", ["--mlp-dim", "0"], "argument --mlp-dim: must be >= 1, got 0"),
+    ("simclr_r50", ["--dim", "0"], "argument --dim: must be >= 1, got 0"),
+    ("mocov2_r50", ["--bn-splits", "0"], "argument --bn-splits: must be >= 1, got 0"),
+    ("dino_vits8", ["--drop-path", "1.5"], "argument --drop-path: must be in [0.0, 1.0), got 1.5"),
+    ("cmc_r50", ["--lr-decay-fracs", "0.5", "0"], "argument --lr-decay-fracs: must be in (0.0, 1.0), got 0.0"),
+    ("simclr_r50", ["--jitter-strength", "-1"], "argument --jitter-strength: must be in [0.0, inf), got -1.0"),
+])
+def test_sizes_that_zero_would_break_are_refused_at_parse_time(recipe, argv, message, tmp_path, capsys):
+    """A 0 width, patch or head count crashed inside the model (ZeroDivisionError, "select(): index 0 out of range"
+    tracebacks); --bn-splits 0, --drop-path 1.5 or a decay at fraction 0 were taken silently."""
+    code, err = _guarded(recipe, argv + ["--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and err.strip() == f"error: {message} (--help lists the flags)", err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_resume_files_are_one_error_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pth")
