@@ -101,7 +101,7 @@ def time_trainer(method, batch: int, sizes: list[int], tmp_path, name: str, *, o
                       log_every=10**9, resume="none", **cfg_kw)
     trainer = Trainer(method, SyntheticLoader(warmup + steps, batch, sizes), cfg, DistInfo(0, 1, 0, DEVICE))
     trainer.save = lambda *a, **k: None  # checkpoints are not part of the step
-    compiled = cfg.compile not in ("none", "auto") or (cfg.compile == "auto" and DEVICE.type == "cuda")
+    compiled = trainer.compile_mode != "none"  # (the Trainer resolved "auto")
     if compiled:
         counters.clear()
     try:

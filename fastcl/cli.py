@@ -39,6 +39,15 @@ def usage_error(message: str):
     sys.exit(1)
 
 
+def make_dir(d: Path, what: str) -> None:
+    """``mkdir -p d``; an OSError (a file in the way, no permission) as one line: "WHAT: cannot write there (...)"
+    (``what`` names the flag and the path asked for, e.g. ``--out run/x.pth`` for its folder)."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write there ({e.strerror or e})") from e
+
+
 def int_at_least(low: int):
     """An argparse ``type``: an int >= ``low``, refused at parse time naming the flag ("argument --dim: must be
     >= 1, got 0"; was: a ZeroDivisionError or "negative dimension" traceback from inside the model)."""

@@ -221,10 +221,9 @@ def export_backbone(checkpoint: str | Path | Mapping, arch: str | None = None, o
         out_path = Path(out_path)
         if out_path.is_dir():
             raise ValueError(f"--out {out_path} is a folder; name the file to write")
-        try:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--out {out_path}: cannot write there ({e.strerror or e})") from e
+        from ..cli import make_dir
+
+        make_dir(out_path.parent, f"--out {out_path}")
     source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     check_public_backbone(ckpt, source)

@@ -332,7 +332,7 @@ def _feature_cache_key(checkpoint: str, arch: str, data: str, size: int, train_s
 
 # ============ main ============
 def main(argv: list[str] | None = None) -> dict:
-    from ..cli import ArgumentParser
+    from ..cli import ArgumentParser, make_dir
 
     args = ArgumentParser("fastcl linear probe", parents=[get_args_parser()]).parse_args(argv)
     for flag in ("train_samples", "val_samples", "epochs", "batch_size"):
@@ -341,10 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
                              f"got {getattr(args, flag)}")
     data_name = "cifar10" if args.data == "cifar10" else Path(args.data).name
     out = Path(args.output) if args.output else Path(args.checkpoint).parent / f"linear_{data_name}.json"
-    try:  # before any work (was: "[Errno 17] File exists" after the whole probe had trained)
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--output {out}: cannot write there ({e.strerror or e})") from e
+    make_dir(out.parent, f"--output {out}")  # before any work (was: "[Errno 17] File exists" after the probe)
     print(json.dumps(vars(args), indent=1), flush=True)
     torch.manual_seed(args.seed)
     if args.device == "auto":

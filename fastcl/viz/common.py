@@ -26,10 +26,9 @@ def out_dir(out: str | Path | None, default: str | Path) -> Path:
     d = Path(out) if out is not None else Path(default)
     if d.exists() and not d.is_dir():
         raise ValueError(f"--out {d} is a file, not a folder")
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # (was: "[Errno 20] Not a directory: ..." for an --out under a file, naming no flag)
-        raise ValueError(f"--out {d}: cannot write there ({e.strerror or e})") from e
+    from ..cli import make_dir
+
+    make_dir(d, f"--out {d}")  # (was: "[Errno 20] Not a directory: ..." for an --out under a file, naming no flag)
     return d
 
 
